@@ -1,0 +1,148 @@
+"""Autograd for batch norm: three ``torch.library`` custom ops dispatched to the backend,
+wrapped in ``autograd.Function``s.
+
+``fastpbn::batch_norm_train`` (mutates the running stats and the optional float64 accumulator),
+``fastpbn::batch_norm_eval`` and ``fastpbn::batch_norm_backward``. Being custom ops with fake
+(meta) implementations, they trace into ``torch.compile(fullgraph=True)`` graphs without breaks;
+the backend is chosen inside the op, at run time. (A mutating custom op cannot carry its own
+autograd formula, hence the Functions.)
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from ._backend import get_backend
+
+
+def _param_grad(x: Tensor, weight: Optional[Tensor]) -> Tensor:
+    return x.new_empty(x.shape[1], dtype=weight.dtype if weight is not None else torch.float32)
+
+
+@torch.library.custom_op(
+    "fastpbn::batch_norm_train",
+    mutates_args=("running_mean", "running_var", "acc_count", "acc_mean", "acc_m2"),
+)
+def batch_norm_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+    acc_count: Optional[Tensor],
+    acc_mean: Optional[Tensor],
+    acc_m2: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    acc = (acc_count, acc_mean, acc_m2) if acc_count is not None else None
+    return get_backend(x).forward_train(
+        x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, acc
+    )
+
+
+@batch_norm_train.register_fake
+def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *acc):
+    c = x.shape[1]
+    return (
+        torch.empty_like(x),
+        x.new_empty(c, dtype=torch.float32),
+        x.new_empty(c, dtype=torch.float32),
+    )
+
+
+@torch.library.custom_op("fastpbn::batch_norm_eval", mutates_args=())
+def batch_norm_eval(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Tensor,
+    running_var: Tensor,
+    eps: float,
+) -> Tensor:
+    return get_backend(x).forward_eval(x, weight, bias, running_mean, running_var, eps)
+
+
+@batch_norm_eval.register_fake
+def _(x, weight, bias, running_mean, running_var, eps):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("fastpbn::batch_norm_backward", mutates_args=())
+def batch_norm_backward(
+    grad_out: Tensor,
+    x: Tensor,
+    weight: Optional[Tensor],
+    mean: Tensor,
+    invstd: Tensor,
+    training: bool,
+    output_mask: list[bool],
+) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = get_backend(x).backward(
+        grad_out, x, weight, mean, invstd, training, tuple(output_mask)
+    )
+    # custom ops cannot return None: unrequested gradients come back as empty tensors
+    empty = x.new_empty(0)
+    return (
+        dx if dx is not None else empty,
+        dw if dw is not None else empty.clone(),
+        db if db is not None else empty.clone(),
+    )
+
+
+@batch_norm_backward.register_fake
+def _(grad_out, x, weight, mean, invstd, training, output_mask):
+    return (
+        torch.empty_like(x) if output_mask[0] else x.new_empty(0),
+        _param_grad(x, weight) if output_mask[1] else x.new_empty(0),
+        _param_grad(x, weight) if output_mask[2] else x.new_empty(0),
+    )
+
+
+def _grads(ctx, grad_out, x, weight, mean, invstd, training):
+    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+            ctx.needs_input_grad[2]]
+    dx, dw, db = batch_norm_backward(grad_out, x, weight, mean, invstd, training, mask)
+    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
+
+
+class BatchNormTrain(torch.autograd.Function):
+    """Training forward (batch statistics) with its backward; the running stats and the
+    accumulator are updated in place by the forward op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
+                momentum, eps, acc_count, acc_mean, acc_m2):
+        y, mean, invstd = batch_norm_train(
+            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+            acc_count, acc_mean, acc_m2,
+        )
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.mark_non_differentiable(mean, invstd)
+        return y, mean, invstd
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_invstd):
+        x, weight, mean, invstd = ctx.saved_tensors
+        return (*_grads(ctx, grad_y, x, weight, mean, invstd, True), *([None] * 8))
+
+
+class BatchNormEval(torch.autograd.Function):
+    """Eval forward (running statistics) with its backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+        ctx.save_for_backward(x, weight, running_mean, running_var)
+        ctx.eps = eps
+        return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, running_mean, running_var = ctx.saved_tensors
+        invstd = torch.rsqrt(running_var.float() + ctx.eps)
+        grads = _grads(ctx, grad_y, x, weight, running_mean.float(), invstd, False)
+        return (*grads, None, None, None)

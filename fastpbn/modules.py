@@ -1,0 +1,98 @@
+"""``FastPreciseBN1d/2d/3d``: drop-in replacements for ``nn.BatchNorm1d/2d/3d``.
+
+Same constructor, state_dict keys and behaviour in every mode; the arithmetic runs on fastpbn's
+backends. Two differences a user can rely on:
+
+* with ``momentum=None`` the cumulative factor ``1/num_batches_tracked`` is read on the device
+  (stock BatchNorm reads it on the host, a synchronization per step);
+* ``layer.accumulator`` may hold a :class:`fastpbn.WelfordState`; while it does, every training
+  forward also merges its batch statistics into it, inside the statistics kernel. This is how
+  precise statistics are gathered without a second pass over the activations.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .stats import WelfordState
+
+
+class _FastPreciseBNMixin:
+    accumulator: Optional[WelfordState] = None
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        momentum = self.momentum
+        num_batches_tracked = None
+        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
+            self.num_batches_tracked.add_(1)
+            num_batches_tracked = self.num_batches_tracked
+        elif momentum is None:
+            momentum = 0.0
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        if bn_training:
+            return ops.batch_norm_train(
+                input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
+                num_batches_tracked=num_batches_tracked, accumulator=self.accumulator,
+            )
+        return ops.batch_norm(
+            input, running_mean, running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+class FastPreciseBN1d(_FastPreciseBNMixin, nn.BatchNorm1d):
+    """Drop-in ``nn.BatchNorm1d`` (inputs (N, C) or (N, C, L)) on fastpbn kernels."""
+
+
+class FastPreciseBN2d(_FastPreciseBNMixin, nn.BatchNorm2d):
+    """Drop-in ``nn.BatchNorm2d`` (inputs (N, C, H, W), NCHW or channels_last) on fastpbn
+    kernels."""
+
+
+class FastPreciseBN3d(_FastPreciseBNMixin, nn.BatchNorm3d):
+    """Drop-in ``nn.BatchNorm3d`` (inputs (N, C, D, H, W)) on fastpbn kernels."""
+
+
+_REPLACEMENTS = {
+    nn.BatchNorm1d: FastPreciseBN1d,
+    nn.BatchNorm2d: FastPreciseBN2d,
+    nn.BatchNorm3d: FastPreciseBN3d,
+}
+
+
+def convert_model(module: nn.Module) -> nn.Module:
+    """Replace every stock ``nn.BatchNorm1d/2d/3d`` in ``module`` by its FastPreciseBN twin.
+
+    Children are replaced in place; the (possibly new) root is returned. Parameters and buffers
+    are the same tensor objects (device, dtype, ``requires_grad`` and optimizer references are
+    kept), and so is ``training``. Subclasses such as ``nn.SyncBatchNorm`` and lazy BN layers
+    are left as they are: they have their own semantics (cross-process statistics, deferred
+    shapes) that a drop-in swap would change.
+
+    Returns:
+        The converted module.
+    """
+    new = _REPLACEMENTS.get(type(module))
+    out = module
+    if new is not None:
+        out = new(
+            module.num_features, module.eps, module.momentum, module.affine,
+            module.track_running_stats, device="meta",
+        )
+        for name in ("weight", "bias"):
+            setattr(out, name, getattr(module, name))
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            out._buffers[name] = module._buffers.get(name)
+        out.training = module.training
+        if hasattr(module, "qconfig"):
+            out.qconfig = module.qconfig
+    for name, child in module.named_children():
+        out.add_module(name, convert_model(child))
+    return out

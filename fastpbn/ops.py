@@ -1,0 +1,121 @@
+"""Functional batch norm: ``batch_norm`` (the signature and semantics of
+``torch.nn.functional.batch_norm``) and ``batch_stats``, served by the selected backend."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from . import _function
+from ._backend import get_backend
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _check_input(x: Tensor, name: str = "input") -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
+    if x.dim() < 2:
+        raise ValueError(f"{name} must have shape (N, C, *), got {tuple(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
+    c = x.shape[1]
+    for name, t in per_channel.items():
+        if t is None:
+            continue
+        if t.numel() != c:
+            # the same wording as PyTorch's native kernels
+            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+        if t.device != x.device:
+            raise RuntimeError(f"{name} is on {t.device} but input is on {x.device}")
+
+
+def _verify_batch_size(x: Tensor) -> None:
+    if math.prod(x.shape) // x.shape[1] == 1:
+        raise ValueError(
+            f"Expected more than 1 value per channel when training, got input size {x.size()}"
+        )
+
+
+def batch_norm_train(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    momentum: Optional[float] = 0.1,
+    eps: float = 1e-5,
+    num_batches_tracked: Optional[Tensor] = None,
+    accumulator=None,
+) -> Tensor:
+    """Training-mode batch norm with the extras the modules need.
+
+    Args:
+        momentum: the running-average factor; None means the cumulative average
+            ``1 / num_batches_tracked`` (read on the device: no host synchronization).
+        num_batches_tracked: the layer's counter, already incremented (used when momentum is None).
+        accumulator: a :class:`fastpbn.WelfordState` into which this batch's statistics are
+            merged (in float64, inside the statistics kernel where the backend has one).
+    Returns:
+        The normalized tensor.
+    """
+    _check_input(input)
+    _check_channel_args(
+        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    _verify_batch_size(input)
+    if eps <= 0.0:
+        raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    acc = (None, None, None)
+    if accumulator is not None:
+        accumulator._check_input(input)
+        acc = (accumulator.count, accumulator.mean, accumulator.m2)
+    return _function.BatchNormTrain.apply(
+        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *acc
+    )[0]
+
+
+def batch_norm(
+    input: Tensor,
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    weight: Optional[Tensor] = None,
+    bias: Optional[Tensor] = None,
+    training: bool = False,
+    momentum: float = 0.1,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Drop-in for ``torch.nn.functional.batch_norm`` served by fastpbn's backends.
+
+    Args and semantics are PyTorch's: in training the batch statistics normalize and, when
+    given, ``running_mean``/``running_var`` are updated in place with ``momentum`` (the unbiased
+    variance goes into ``running_var``); in eval the running statistics normalize.
+    Returns:
+        The normalized tensor, differentiable with respect to input, weight and bias.
+    """
+    if training:
+        return batch_norm_train(input, running_mean, running_var, weight, bias, momentum, eps)
+    _check_input(input)
+    if eps < 0.0:
+        raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var must be given when training=False")
+    _check_channel_args(
+        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+    )
+    return _function.BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
+
+
+def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
+    """Per-channel statistics of ``x`` (N, C, *): float32 mean and biased variance, computed
+    centred (never sum / sum-of-squares), and the number of values per channel."""
+    _check_input(x, "x")
+    if x.numel() == 0:
+        raise ValueError(f"x has no values per channel (shape {tuple(x.shape)})")
+    return get_backend(x).batch_stats(x)

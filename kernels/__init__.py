@@ -1,0 +1,1 @@
+"""Triton kernels for fastpbn (installed as fastpbn.kernels)."""

@@ -1,0 +1,32 @@
+"""Test set-up. Triton runs through its CPU interpreter when no CUDA device is present; the
+variable must be set before anything imports triton or fastpbn.kernels."""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import importlib.util  # noqa: E402
+
+import pytest  # noqa: E402
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _clear_backend_override():
+    import fastpbn
+
+    yield
+    fastpbn.set_backend(None)
