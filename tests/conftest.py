@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if HAS_CUDA else "cpu"
+# every backend that can run here: torch always, triton through its interpreter on CPU
+BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -30,3 +32,12 @@ def _clear_backend_override():
 
     yield
     fastpbn.set_backend(None)
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    """Run the test once per backend, forced with fastpbn.set_backend."""
+    import fastpbn
+
+    fastpbn.set_backend(request.param)
+    return request.param

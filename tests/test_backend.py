@@ -1,0 +1,67 @@
+"""Backend dispatch: env knob read at call time, explicit backends never fall back silently."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastpbn
+from fastpbn._backend import BackendUnavailable, get_backend
+
+from .conftest import HAS_CUDA, HAS_TRITON
+
+
+def test_import_compiles_nothing_and_skips_triton():
+    code = "import sys, fastpbn; print('triton' in sys.modules, 'fastpbn.kernels' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only behaviour")
+def test_auto_is_torch_on_cpu_even_with_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert get_backend(torch.ones(2, 3)).name == "torch"
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only behaviour")
+def test_env_is_read_at_call_time(monkeypatch):
+    x = torch.randn(4, 3, 2)
+    monkeypatch.setenv("FASTPBN_BACKEND", "cuda")
+    with pytest.raises(BackendUnavailable, match="'cuda' cannot run.*not CUDA"):
+        fastpbn.batch_stats(x)
+    monkeypatch.setenv("FASTPBN_BACKEND", "torch")
+    assert fastpbn.batch_stats(x)[2] == 8
+    monkeypatch.setenv("FASTPBN_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTPBN_BACKEND='bogus'"):
+        fastpbn.batch_stats(x)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="CPU-only behaviour")
+def test_forced_backend_raises_its_reasons(monkeypatch):
+    x = torch.randn(4, 3, 2)
+    fastpbn.set_backend("cuda")
+    with pytest.raises(BackendUnavailable, match="not CUDA"):
+        fastpbn.FastPreciseBN1d(3)(x)
+    fastpbn.set_backend("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailable, match="TRITON_INTERPRET"):
+        fastpbn.batch_norm(x, None, None, training=True)
+    with pytest.raises(BackendUnavailable, match="dtype torch.int64"):
+        get_backend(torch.ones(2, 3, dtype=torch.int64), "triton")
+    with pytest.raises(ValueError, match="unknown backend"):
+        fastpbn.set_backend("cudnn")
+
+
+@pytest.mark.skipif(not HAS_TRITON or HAS_CUDA, reason="needs triton, CPU-only behaviour")
+def test_triton_selectable_on_cpu_with_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert get_backend(torch.ones(2, 3), "triton").name == "triton"
+
+
+def test_info_cli():
+    out = subprocess.run(
+        [sys.executable, "-m", "fastpbn", "info"], capture_output=True, text=True, check=True
+    ).stdout
+    assert torch.__version__ in out
+    assert "<- auto" in out and "torch" in out and "triton" in out and "cuda" in out

@@ -1,0 +1,43 @@
+"""WelfordState.all_reduce with two gloo processes on CPU: every rank ends with the statistics
+of the union of all ranks' data, bitwise identical across ranks."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from fastpbn import WelfordState
+from fastpbn.reference import batch_stats_reference
+
+SIZES = {0: [3, 5], 1: [8, 1, 2]}  # uneven: counts must weigh
+
+
+def _data(rank):
+    g = torch.Generator().manual_seed(100 + rank)
+    return [torch.randn(n, 4, 3, generator=g) * 2 + 1e4 for n in SIZES[rank]]
+
+
+def _worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        state = WelfordState(4)
+        for b in _data(rank):
+            state.update(b)
+        state.all_reduce()
+        torch.save({"count": state.count, "mean": state.mean, "m2": state.m2},
+                   f"{out_file}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_all_reduce_two_ranks(tmp_path):
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    results = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
+    for key in ("count", "mean", "m2"):
+        assert torch.equal(results[0][key], results[1][key]), key
+    rmean, rvar, n = batch_stats_reference(torch.cat(_data(0) + _data(1)))
+    assert torch.equal(results[0]["count"], torch.full((4,), float(n), dtype=torch.float64))
+    torch.testing.assert_close(results[0]["mean"], rmean, rtol=1e-12, atol=1e-8)
+    torch.testing.assert_close(results[0]["m2"] / n, rvar, rtol=1e-6, atol=0)

@@ -1,0 +1,267 @@
+"""FastPreciseBN1d/2d/3d against stock nn.BatchNorm* and the float64 reference, on every
+backend that can run here (torch always; triton through its interpreter on CPU)."""
+
+import copy
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fastpbn
+from fastpbn import FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d
+from fastpbn.reference import batch_norm_reference
+
+from .conftest import DEVICE
+
+STOCK = {1: nn.BatchNorm1d, 2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+OURS = {1: FastPreciseBN1d, 2: FastPreciseBN2d, 3: FastPreciseBN3d}
+
+
+def shifted(*shape, mean=50.0, std=3.0, channels_last=False):
+    """Random data far from zero (where wrong formulas break), fresh per call."""
+    x = torch.randn(*shape, device=DEVICE) * std + mean
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    return x
+
+
+def make_pair(dims, c, **kw):
+    torch.manual_seed(1)
+    stock = STOCK[dims](c, **kw).to(DEVICE)
+    if stock.affine:  # non-trivial affine parameters
+        with torch.no_grad():
+            stock.weight.uniform_(0.5, 1.5)
+            stock.bias.uniform_(-1, 1)
+    ours = OURS[dims](c, **kw).to(DEVICE)
+    ours.load_state_dict(stock.state_dict())
+    return stock, ours
+
+
+def assert_close(a, b, tol, what):
+    torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=what)
+
+
+def check_step(stock, ours, x, grad_mode="sum"):
+    """One forward+backward through both modules; compare outputs, gradients and buffers with
+    stock and the output and gradients with the float64 reference."""
+    xs = x.detach().clone().requires_grad_()
+    xo = x.detach().clone().requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    bn_training = stock.training or stock.running_mean is None
+    use_buf = not stock.training or stock.track_running_stats
+    rm0 = stock.running_mean.clone() if stock.running_mean is not None else None
+    rv0 = stock.running_var.clone() if stock.running_var is not None else None
+    w = stock.weight.detach().clone().requires_grad_() if stock.affine else None
+    b = stock.bias.detach().clone().requires_grad_() if stock.affine else None
+    momentum = stock.momentum
+    if momentum is None and stock.training and stock.track_running_stats:
+        momentum = 1.0 / (float(stock.num_batches_tracked) + 1)
+    ys, yo = stock(xs), ours(xo)
+    yr, rm, rv = batch_norm_reference(
+        xr, rm0 if use_buf else None, rv0 if use_buf else None, w, b, bn_training,
+        momentum or 0.0, stock.eps,
+    )
+    assert yo.shape == ys.shape and yo.dtype == ys.dtype
+    assert yo.is_contiguous(memory_format=torch.channels_last) == ys.is_contiguous(
+        memory_format=torch.channels_last
+    ) or x.dim() != 4
+    g = torch.randn_like(yr) if grad_mode == "randn" else None
+    for y, inp in ((ys, xs), (yo, xo), (yr, xr)):
+        (y.sum() if g is None else (y * g.to(y.dtype)).sum()).backward()
+    assert_close(yo, yr, 1e-4, "output vs float64 reference")
+    assert_close(yo, ys, 1e-4, "output vs stock")
+    assert_close(xo.grad, xr.grad, 1e-3, "input grad vs float64 reference")
+    assert_close(xo.grad, xs.grad, 1e-3, "input grad vs stock")
+    if stock.affine:
+        assert_close(ours.weight.grad, w.grad, 1e-3, "weight grad vs reference")
+        assert_close(ours.bias.grad, b.grad, 1e-3, "bias grad vs reference")
+        assert_close(ours.weight.grad, stock.weight.grad, 1e-3, "weight grad vs stock")
+    if stock.track_running_stats:
+        assert torch.equal(ours.num_batches_tracked, stock.num_batches_tracked)
+        assert_close(ours.running_mean, stock.running_mean, 1e-5, "running_mean vs stock")
+        assert_close(ours.running_var, stock.running_var, 1e-5, "running_var vs stock")
+        if rm is not None:
+            assert_close(ours.running_mean, rm, 1e-5, "running_mean vs reference")
+            assert_close(ours.running_var, rv, 1e-5, "running_var vs reference")
+    else:
+        assert ours.running_mean is None and ours.num_batches_tracked is None
+    for m in (stock, ours):
+        m.zero_grad(set_to_none=True)
+
+
+SHAPES = {
+    1: [(6, 3), (5, 3, 7)],
+    2: [(4, 3, 5, 6)],
+    3: [(2, 3, 3, 4, 2)],
+}
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("track", [True, False])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_training_steps_then_eval(backend, dims, affine, track, momentum):
+    stock, ours = make_pair(dims, 3, affine=affine, track_running_stats=track, momentum=momentum)
+    for shape in SHAPES[dims]:
+        for step in range(2):  # several steps: running buffers and num_batches_tracked
+            check_step(stock, ours, shifted(*shape), "randn" if step else "sum")
+    stock.eval(), ours.eval()
+    check_step(stock, ours, shifted(*SHAPES[dims][0]), "randn")
+
+
+@pytest.mark.parametrize(
+    "shape, channels_last",
+    [
+        ((1, 3, 4, 5), False),  # N = 1: statistics over spatial only
+        ((7, 3, 1, 1), False),  # 1x1 spatial: statistics over the batch only
+        ((3, 5, 7, 3), False),  # odd sizes
+        ((3, 4, 5, 3), True),  # channels_last
+        ((2, 4, 1, 1), True),  # channels_last with 1x1 spatial (ambiguous strides)
+        ((2, 1, 3, 3), False),  # a single channel
+    ],
+)
+def test_shapes_and_layouts(backend, shape, channels_last):
+    stock, ours = make_pair(2, shape[1])
+    check_step(stock, ours, shifted(*shape, channels_last=channels_last), "randn")
+    stock.eval(), ours.eval()
+    check_step(stock, ours, shifted(*shape, channels_last=channels_last), "sum")
+
+
+def test_non_contiguous_input(backend):
+    stock, ours = make_pair(2, 3)
+    x = shifted(4, 6, 5, 8)[:, ::2, :, 1:7]  # strided channels and a cropped width
+    assert not x.is_contiguous()
+    check_step(stock, ours, x, "sum")
+
+
+def test_expanded_gradient(backend):
+    """The gradient of y.sum() has stride 0 everywhere."""
+    _, ours = make_pair(2, 3)
+    x = shifted(3, 3, 4, 4).requires_grad_()
+    ours(x).sum().backward()
+    # d(sum y)/dx is exactly zero for batch norm in training (the mean absorbs it)
+    assert x.grad.abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_input(backend, dtype):
+    """fp16/bf16 input with fp32 parameters: error at most 2x stock's own error (+ atol)."""
+    stock, ours = make_pair(2, 4)
+    x = shifted(4, 4, 5, 5, mean=5.0, std=2.0).to(dtype)
+    yr, _, _ = batch_norm_reference(
+        x, stock.running_mean, stock.running_var, stock.weight, stock.bias, True, 0.1, 1e-5
+    )
+    try:
+        ys = stock(x)
+    except RuntimeError as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"stock BatchNorm2d does not run {dtype} here: {e}")
+    yo = ours(x)
+    assert yo.dtype == dtype
+    stock_err = (ys.double() - yr).abs().max().item()
+    our_err = (yo.double() - yr).abs().max().item()
+    assert our_err <= 2 * stock_err + 1e-2, (our_err, stock_err)
+    assert_close(ours.running_mean, stock.running_mean, 1e-2, "running_mean")
+
+
+def test_state_dict_both_ways():
+    stock, ours = make_pair(2, 5, momentum=None)
+    stock.train()(shifted(4, 5, 3, 3))
+    assert list(ours.state_dict()) == list(stock.state_dict())
+    ours.load_state_dict(stock.state_dict())
+    back = nn.BatchNorm2d(5, momentum=None).to(DEVICE)
+    back.load_state_dict(ours.state_dict())
+    for k, v in stock.state_dict().items():
+        assert torch.equal(back.state_dict()[k], v), k
+    buf = io.BytesIO()
+    torch.save(ours.state_dict(), buf)
+    buf.seek(0)
+    fresh = FastPreciseBN2d(5, momentum=None).to(DEVICE)
+    fresh.load_state_dict(torch.load(buf, weights_only=True))
+    assert torch.equal(fresh.num_batches_tracked, stock.num_batches_tracked)
+
+
+def test_errors_match_stock():
+    for dims in (1, 2, 3):
+        stock, ours = make_pair(dims, 3)
+        bad_dim = torch.randn(*(2,) * (dims + 3), device=DEVICE)  # one dim too many
+        for m in (stock, ours):
+            with pytest.raises(ValueError, match="expected"):
+                m(bad_dim)
+    stock, ours = make_pair(2, 3)
+    wrong_c = shifted(2, 4, 3, 3)
+    for m in (stock, ours):
+        with pytest.raises(RuntimeError, match="should contain 4 elements not 3|3 elements"):
+            m(wrong_c)
+    one_value = shifted(1, 3, 1, 1)
+    for m in (stock, ours):
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+            m(one_value)
+    assert ours.num_batches_tracked.item() == stock.num_batches_tracked.item()
+
+
+def test_functional_batch_norm_matches_torch(backend):
+    x = shifted(4, 3, 5, 5)
+    rm, rv = torch.randn(3, device=DEVICE), torch.rand(3, device=DEVICE) + 0.5
+    w, b = torch.rand(3, device=DEVICE) + 0.5, torch.randn(3, device=DEVICE)
+    for training in (True, False):
+        rm1, rv1, rm2, rv2 = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+        y1 = fastpbn.batch_norm(x, rm1, rv1, w, b, training, 0.3, 1e-3)
+        y2 = torch.nn.functional.batch_norm(x, rm2, rv2, w, b, training, 0.3, 1e-3)
+        assert_close(y1, y2, 1e-4, f"F.batch_norm training={training}")
+        assert_close(rm1, rm2, 1e-5, "running_mean")
+        assert_close(rv1, rv2, 1e-5, "running_var")
+    with pytest.raises(ValueError, match="eps"):
+        fastpbn.batch_norm(x, None, None, training=True, eps=0.0)
+    with pytest.raises(ValueError, match="running_mean"):
+        fastpbn.batch_norm(x, None, None, training=False)
+
+
+def test_batch_stats_against_reference(backend):
+    from fastpbn.reference import batch_stats_reference
+
+    x = shifted(5, 4, 3, 7, mean=1e4, std=1.0)
+    mean, var, n = fastpbn.batch_stats(x)
+    rmean, rvar, rn = batch_stats_reference(x)
+    assert n == rn == 5 * 3 * 7
+    assert mean.dtype == var.dtype == torch.float32
+    torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-3, atol=0)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4, momentum=None)
+        self.seq = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6, affine=False))
+        self.bn3 = nn.BatchNorm3d(2, track_running_stats=False)
+        self.sync = nn.SyncBatchNorm(4)
+
+    def forward(self, x):
+        return self.seq(self.bn(self.conv(x)).mean((2, 3)))
+
+
+def test_convert_model():
+    model = Net().to(DEVICE)
+    model.bn.weight.requires_grad_(False)
+    model.seq.train(False)
+    params = {n: p for n, p in model.named_parameters()}
+    buffers = {n: b for n, b in model.named_buffers()}
+    x = shifted(4, 3, 6, 6)
+    expected = copy.deepcopy(model)(x)
+    converted = fastpbn.convert_model(model)
+    assert converted is model
+    assert type(model.bn) is FastPreciseBN2d
+    assert type(model.seq[1]) is FastPreciseBN1d
+    assert type(model.bn3) is FastPreciseBN3d
+    assert type(model.sync) is nn.SyncBatchNorm  # documented: left alone
+    assert model.bn.weight is params["bn.weight"] and not model.bn.weight.requires_grad
+    assert model.seq[1].training is False and model.bn.training is True
+    assert model.bn.momentum is None and model.seq[1].affine is False
+    assert model.bn3.track_running_stats is False and model.bn3.running_mean is None
+    for n, b in model.named_buffers():
+        assert b is buffers[n], n
+    assert_close(model(x), expected, 1e-4, "converted model output")
+    root = fastpbn.convert_model(nn.BatchNorm2d(3).double())
+    assert type(root) is FastPreciseBN2d and root.weight.dtype == torch.float64

@@ -1,0 +1,118 @@
+"""WelfordState against float64 statistics of all data, on every backend that runs here."""
+
+import pytest
+import torch
+
+import fastpbn
+from fastpbn import WelfordState
+from fastpbn.reference import batch_stats_reference
+
+from .conftest import DEVICE
+
+
+
+def shifted_batches(sizes, c=3, spatial=(2, 3), mean=1e4, std=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(n, c, *spatial, generator=g) * std + mean).to(DEVICE) for n in sizes
+    ]
+
+
+def assert_matches_all_data(state, batches, unbiased=True):
+    rmean, rvar, n = batch_stats_reference(torch.cat(batches))
+    assert torch.equal(state.count, torch.full_like(state.count, n))
+    assert state.mean.dtype == state.m2.dtype == torch.float64
+    torch.testing.assert_close(state.mean, rmean, rtol=1e-9, atol=1e-5)
+    expected_var = rvar * n / (n - 1) if unbiased else rvar
+    torch.testing.assert_close(state.var(unbiased), expected_var, rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e4, 1.0), (-3e3, 0.01)])
+def test_uneven_batches_equal_all_data(backend, mean, std):
+    batches = shifted_batches([5, 1, 8, 2, 13], mean=mean, std=std)
+    state = WelfordState(3, device=DEVICE)
+    for b in batches:
+        state.update(b)
+    assert_matches_all_data(state, batches)
+    assert_matches_all_data(state, batches, unbiased=False)
+
+
+def test_layouts(backend):
+    base = shifted_batches([4], c=5, spatial=(3, 4))[0]
+    cases = {
+        "channels_last": base.to(memory_format=torch.channels_last),
+        "non_contiguous": base[:, :, ::2, 1:],
+        "1d": base[:, :, 0, 0].contiguous(),
+        "1d_len": base.flatten(2),
+        "3d": base.unsqueeze(2).expand(4, 5, 2, 3, 4),
+    }
+    for name, x in cases.items():
+        state = WelfordState(5, device=DEVICE).update(x)
+        rmean, rvar, n = batch_stats_reference(x)
+        assert int(state.count[0]) == n, name
+        torch.testing.assert_close(state.mean, rmean, rtol=1e-9, atol=1e-5, msg=name)
+        torch.testing.assert_close(state.var(False), rvar, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_low_precision_inputs(backend):
+    x = shifted_batches([6], c=2, mean=3.0, std=2.0)[0]
+    for dtype in (torch.float16, torch.bfloat16):
+        xl = x.to(dtype)
+        state = WelfordState(2, device=DEVICE).update(xl)
+        rmean, rvar, _ = batch_stats_reference(xl)  # statistics of the values as stored
+        torch.testing.assert_close(state.mean, rmean, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state.var(False), rvar, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_is_order_invariant():
+    batches = shifted_batches([3, 7, 2, 9], mean=1e4)
+    states = [WelfordState(3, device=DEVICE).update(b) for b in batches]
+    forward, backward = WelfordState(3, device=DEVICE), WelfordState(3, device=DEVICE)
+    for s in states:
+        forward.merge(s)
+    for s in reversed(states):
+        backward.merge(s)
+    tree = states[0].clone().merge(states[1]).merge(states[2].clone().merge(states[3]))
+    for s in (forward, backward, tree):
+        assert_matches_all_data(s, batches)
+    torch.testing.assert_close(forward.mean, backward.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(forward.m2, backward.m2, rtol=1e-10, atol=0)
+
+
+def test_merge_with_empty_state_is_exact():
+    s = WelfordState(3, device=DEVICE).update(shifted_batches([4])[0])
+    merged = WelfordState(3, device=DEVICE).merge(s)
+    assert torch.equal(merged.mean, s.mean) and torch.equal(merged.m2, s.m2)
+    s.merge(WelfordState(3, device=DEVICE))
+    assert torch.equal(merged.mean, s.mean) and torch.equal(merged.count, s.count)
+
+
+def test_bad_input_leaves_state_unchanged(backend):
+    state = WelfordState(3, device=DEVICE).update(shifted_batches([4])[0])
+    before = state.clone()
+    bad = shifted_batches([4])[0]
+    bad[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite"):
+        state.update(bad)
+    bad[1, 2, 0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        state.update(bad)
+    with pytest.raises(ValueError, match="no values"):
+        state.update(torch.empty(0, 3, 2, device=DEVICE))
+    with pytest.raises(ValueError, match=r"\(N, 3, \*\)"):
+        state.update(torch.randn(4, 5, 2, device=DEVICE))
+    with pytest.raises(TypeError, match="floating-point"):
+        state.update(torch.ones(4, 3, dtype=torch.int64, device=DEVICE))
+    for a, b in ((state.count, before.count), (state.mean, before.mean), (state.m2, before.m2)):
+        assert torch.equal(a, b)
+
+
+def test_var_undefined_and_constructor_errors():
+    state = WelfordState(2)
+    assert torch.isnan(state.var()).all()
+    state.update(torch.tensor([[1.0, 2.0]]))  # one value per channel: unbiased is undefined
+    assert torch.isnan(state.var()).all() and torch.equal(state.var(False), torch.zeros(2).double())
+    with pytest.raises(ValueError, match="num_channels"):
+        WelfordState(0)
+    with pytest.raises(ValueError, match="same number of channels"):
+        state.merge(WelfordState(3))
