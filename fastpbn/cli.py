@@ -20,7 +20,8 @@ def info() -> int:
     def version(mod: str) -> str:
         if importlib.util.find_spec(mod) is None:
             return "not installed"
-        from importlib.metadata import PackageNotFoundError, version as v
+        from importlib.metadata import PackageNotFoundError
+        from importlib.metadata import version as v
 
         try:
             return v(mod)

@@ -3,12 +3,10 @@
 import pytest
 import torch
 
-import fastpbn
 from fastpbn import WelfordState
 from fastpbn.reference import batch_stats_reference
 
 from .conftest import DEVICE
-
 
 
 def shifted_batches(sizes, c=3, spatial=(2, 3), mean=1e4, std=1.0, seed=0):
