@@ -1,0 +1,250 @@
+"""Which BN layers a pass touches, what each one accumulates, and how the model is put into
+the pass's state and back.
+
+Statistics are gathered without writing any buffer: selected layers run with
+``track_running_stats=False`` (batch statistics, no EMA update, no ``num_batches_tracked``
+increment) while FastPreciseBN layers merge each batch into ``layer.accumulator`` inside their
+statistics kernel and other BN layers feed a forward pre-hook. So an interrupted pass leaves
+every buffer as it was, and restoring the model is resetting a few attributes.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parameter import UninitializedBuffer
+
+from .._torch_ops import chan_merge_
+from ..modules import FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d
+from ..stats import WelfordState
+
+FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
+LayerSelection = Union[None, Sequence[nn.Module], nn.Module, Callable[[str, nn.Module], bool]]
+_MISSING = object()
+
+
+class StopForward(BaseException):
+    """Raised from a hook once every selected layer has run, to skip the rest of the forward.
+    A BaseException so that a model's own ``except Exception`` cannot swallow it."""
+
+
+def has_running_stats(m: nn.Module) -> bool:
+    return (
+        isinstance(m, _BatchNorm)
+        and m.track_running_stats
+        and isinstance(m.running_mean, Tensor)
+        and isinstance(m.running_var, Tensor)
+        and not isinstance(m.running_mean, UninitializedBuffer)
+    )
+
+
+def select_layers(model: nn.Module, layers: LayerSelection) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the BN layers with running statistics that ``layers`` selects (all of
+    them when None), in ``model.named_modules()`` order."""
+    eligible = [(n, m) for n, m in model.named_modules() if has_running_stats(m)]
+    if layers is None:
+        return eligible
+    if callable(layers) and not isinstance(layers, nn.Module):
+        return [(n, m) for n, m in eligible if layers(n, m)]
+    if isinstance(layers, nn.Module):
+        layers = [layers]
+    names = {id(m): n for n, m in model.named_modules()}
+    for i, m in enumerate(layers):
+        if id(m) not in names:
+            raise ValueError(f"layers[{i}] ({type(m).__name__}) is not a submodule of model")
+        if not has_running_stats(m):
+            raise ValueError(
+                f"layers[{i}] ({names[id(m)]!r}, {type(m).__name__}) is not a BatchNorm layer "
+                "with running statistics"
+            )
+    wanted = {id(m) for m in layers}
+    return [(n, m) for n, m in eligible if id(m) in wanted]
+
+
+class LayerAccumulator:
+    """Everything one layer accumulates during a pass, on the layer's device.
+
+    ``total``: (count, mean, M2) of every value the layer saw. With ``per_call``, each call is
+    first gathered in ``call`` and then folded into ``total``, into ``calls`` (a Welford state
+    over the per-call means: equal weight per call) and into ``var_sum`` (sum of the per-call
+    unbiased variances) -- what the "batch_mean" estimator and the ``tol`` test need.
+    """
+
+    def __init__(self, name: str, channels: int, device: torch.device, per_call: bool):
+        self.name = name
+        self.total = WelfordState(channels, device)
+        self.per_call = per_call
+        if per_call:
+            self.call = WelfordState(channels, device)
+            self.calls = WelfordState(channels, device)
+            self.var_sum = torch.zeros(channels, dtype=torch.float64, device=device)
+            self._one = torch.ones_like(self.var_sum)
+
+    @property
+    def target(self) -> WelfordState:
+        """The state a batch is merged into."""
+        return self.call if self.per_call else self.total
+
+    def fold(self) -> None:
+        if not self.per_call:
+            return
+        c = self.call
+        self.total.merge(c)
+        chan_merge_(self.calls.count, self.calls.mean, self.calls.m2, self._one, c.mean,
+                    torch.zeros_like(c.m2))
+        self.var_sum.add_(c.m2 / (c.count - 1))
+        c.reset()
+
+    def converged(self, tol: float) -> Tensor:
+        """Device bool: the standard error of the mean, from the spread of per-call means, is
+        at most ``tol`` times the population std in every channel."""
+        se2 = self.calls.var(unbiased=True) / self.calls.count
+        return (se2 <= tol * tol * self.total.var(unbiased=True)).all()
+
+    def all_reduce(self, group) -> None:
+        self.total.all_reduce(group)
+        if self.per_call:
+            self.calls.all_reduce(group)
+            self.var_sum.copy_(_gather_sum(self.var_sum, group))
+
+    def estimate(self, estimator: str, unbiased: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+        """(mean, var, count) per channel, float64 on the layer's device."""
+        if estimator == "batch_mean":
+            return self.calls.mean, self.var_sum / self.calls.count, self.total.count
+        return self.total.mean, self.total.var(unbiased=unbiased), self.total.count
+
+
+def _gather_sum(t: Tensor, group) -> Tensor:
+    """Sum over ranks in rank order: bitwise the same on every rank (an all_reduce need not
+    be)."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    out = parts[0].clone()
+    for p in parts[1:]:
+        out.add_(p)
+    return out
+
+
+class CallTracker:
+    """Host-side count of each layer's calls in the current forward; learns the call pattern
+    of the first forward and then says when every layer has made all its calls."""
+
+    def __init__(self, n: int):
+        self.counts = [0] * n
+        self.expected: Optional[list[int]] = None
+        self.order: list[int] = []
+        self.done = 0
+
+    def begin_forward(self) -> None:
+        self.counts = [0] * len(self.counts)
+        self.done = 0
+
+    def called(self, i: int) -> None:
+        self.counts[i] += 1
+        if self.expected is None:
+            self.order.append(i)
+        elif self.counts[i] == self.expected[i]:
+            self.done += 1
+
+    def learn(self) -> None:
+        """Freeze the first forward's pattern (call after it)."""
+        self.expected = list(self.counts)
+
+    @property
+    def all_done(self) -> bool:
+        return self.done == len(self.counts)
+
+
+class PassState:
+    """Puts a model into the state of a statistics pass and back, exactly.
+
+    Records every module's ``training`` flag, the selected layers' ``track_running_stats`` and
+    FastPreciseBN ``accumulator`` attributes; :meth:`restore` sets them back (assigning the
+    flags directly, so overridden ``train()`` methods are not triggered) and removes every
+    hook this object registered. Buffers are not written during a pass; a copy of the selected
+    layers' buffers is still put back, in case a BN subclass ignores ``track_running_stats``.
+    """
+
+    def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]):
+        self.model = model
+        self.layers = layers
+        self.flags = [(m, m.training) for m in model.modules()]
+        self.tracking = [(m, m.track_running_stats) for _, m in layers]
+        self.accumulators = [
+            (m, m.__dict__.get("accumulator", _MISSING)) for _, m in layers
+            if isinstance(m, FAST_TYPES)
+        ]
+        self.buffers = [(b, b.clone()) for _, m in layers for b in m.buffers(recurse=False)]
+        self.handles: list = []
+
+    def enter(self, set_modes: bool) -> None:
+        """Stop buffer updates; with ``set_modes`` every module goes to eval and the selected
+        layers to train."""
+        if set_modes:
+            for m, _ in self.flags:
+                m.training = False
+            for _, m in self.layers:
+                m.training = True
+        for _, m in self.layers:
+            m.track_running_stats = False
+
+    def install(self, accs: list[LayerAccumulator], tracker: CallTracker) -> None:
+        """Route every selected layer's batches into its accumulator."""
+        for i, ((name, m), acc) in enumerate(zip(self.layers, accs)):
+            fast = isinstance(m, FAST_TYPES)
+            if fast:
+                m.accumulator = acc.target
+            self.handles.append(m.register_forward_pre_hook(
+                _pre_hook(i, name, acc, tracker, feed=not fast), with_kwargs=True
+            ))
+            if fast and acc.per_call:
+                self.handles.append(m.register_forward_hook(lambda *_, acc=acc: acc.fold()))
+
+    def install_stop(self, tracker: CallTracker) -> None:
+        """Raise :class:`StopForward` after the last call of the first forward's pattern, once
+        every layer has made all its calls (a different pattern just runs to the end)."""
+        last = self.layers[tracker.order[-1]][1]
+
+        def stop(*_):
+            if tracker.all_done:
+                raise StopForward
+
+        self.handles.append(last.register_forward_hook(stop))
+
+    def restore(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        for m, flag in self.flags:
+            m.training = flag
+        for m, flag in self.tracking:
+            m.track_running_stats = flag
+        for m, acc in self.accumulators:
+            if acc is _MISSING:
+                m.__dict__.pop("accumulator", None)
+            else:
+                m.accumulator = acc
+        with torch.no_grad():
+            for b, saved in self.buffers:
+                b.copy_(saved)
+
+
+def _pre_hook(i: int, name: str, acc: LayerAccumulator, tracker: CallTracker, feed: bool):
+    def hook(module, args, kwargs):
+        tracker.called(i)
+        if not feed:
+            return None
+        x = args[0] if args else kwargs.get("input")
+        try:
+            acc.target.update(x, check=False)  # no host sync: finiteness is checked at the end
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"BN layer {name!r}: {e}") from e
+        acc.fold()
+        return None
+
+    return hook

@@ -1,0 +1,86 @@
+"""One forward of a recompute pass: eager, or replayed from a CUDA graph for fixed shapes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import nn
+
+from ._collect import CallTracker, StopForward
+from ._data import map_tensors, tensors
+
+
+class Forward:
+    """Calls ``forward_fn(model, x)`` (default ``model(x)``), absorbing :class:`StopForward`.
+
+    With ``graph_device`` (CUDA), the first batch runs eagerly on a side stream (warm-up:
+    lazy initialization and kernel compilation must not happen during capture), the next
+    batch of the same shapes is captured into a CUDA graph, and later batches of those shapes
+    are copied into the graph's static input and replayed. Batches of other shapes (the
+    remainder) run eagerly. Every statistic lives in device tensors updated in place, so a
+    replay accumulates exactly like an eager call; only host-side bookkeeping (the call
+    tracker) does not rerun, and nothing depends on it after the first batch.
+    """
+
+    def __init__(self, model: nn.Module, forward_fn: Optional[Callable], tracker: CallTracker,
+                 graph_device: Optional[torch.device] = None):
+        self.model = model
+        self.forward_fn = forward_fn
+        self.tracker = tracker
+        self.graph_device = graph_device
+        self.graph = None
+        self.static = None
+        self.key = None
+
+    def eager(self, x: Any) -> None:
+        self.tracker.begin_forward()
+        try:
+            if self.forward_fn is None:
+                self.model(x)
+            else:
+                self.forward_fn(self.model, x)
+        except StopForward:
+            pass
+
+    def __call__(self, x: Any) -> None:
+        if self.graph_device is None:
+            self.eager(x)
+            return
+        key = _signature(x)
+        if self.graph is not None and key == self.key:
+            for dst, src in zip(tensors(self.static), tensors(x)):
+                dst.copy_(src)
+            self.graph.replay()
+        elif self.graph is None and key == self.key:
+            self._capture(x)
+            self.graph.replay()
+        else:
+            if self.graph is None:
+                self.key = key
+            self._side_stream(x)
+
+    def _side_stream(self, x: Any) -> None:
+        compute = torch.cuda.current_stream(self.graph_device)
+        side = torch.cuda.Stream(self.graph_device)
+        side.wait_stream(compute)
+        with torch.cuda.stream(side):
+            self.eager(x)
+        compute.wait_stream(side)
+
+    def _capture(self, x: Any) -> None:
+        self.static = map_tensors(lambda t: t.clone(), x)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.eager(self.static)  # StopForward is absorbed inside: capture ends cleanly
+        except RuntimeError as e:
+            raise RuntimeError(
+                "cuda_graph=True: the forward could not be captured as a CUDA graph (it may "
+                f"synchronize with the host or change shapes); use cuda_graph=False. {e}"
+            ) from e
+        self.graph = graph
+
+
+def _signature(x: Any) -> tuple:
+    return tuple((t.shape, t.dtype, t.device, t.stride()) for t in tensors(x))

@@ -1,0 +1,100 @@
+"""``update_bn_stats``: fvcore's ``fvcore.nn.precise_bn.update_bn_stats``, on exact arithmetic."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+from typing import Any, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ._collect import CallTracker, LayerAccumulator, PassState, has_running_stats
+
+# fvcore's BN_MODULE_TYPES (FastPreciseBN layers are subclasses, so they count too)
+BN_MODULE_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def update_bn_stats(
+    model: nn.Module,
+    data_loader: Iterable[Any],
+    num_iters: int = 200,
+    progress: Optional[str] = None,
+) -> None:
+    """Recompute the running statistics of the BN layers that are in training mode, fvcore's
+    way, with exact statistics (Wu & Johnson, Sec. 3).
+
+    Same signature and semantics as fvcore's: ``model(inputs)`` is called on each of the first
+    ``num_iters`` items as they are; training modes are not changed (set the layers to
+    recompute to train mode, and mind dropout and other stateful layers that are in train
+    mode: they run as they are); the result is the pooled statistics of every value a layer
+    saw, with ``running_var`` = M2/N (biased, as fvcore writes it); ``num_batches_tracked``
+    advances by one per call, as in fvcore. Differences, all fixes: the pooled variance is
+    computed in float64 from centred per-batch statistics (fvcore's E[x^2] - E[x]^2 in
+    float32 is 20-40 % off at |mean|/std = 1e3); a layer called several times per forward
+    accumulates every call (fvcore asserts); a layer that never ran is left unchanged with a
+    warning (fvcore writes zeros); if the loop raises, the model is exactly as before.
+
+    Args:
+        model: the model whose training-mode BN layers are recomputed.
+        data_loader: an iterable; each item is passed to ``model`` unchanged.
+        num_iters: number of items to run; the loader must yield at least that many.
+        progress: None or "tqdm" (a progress bar).
+    Returns:
+        None (the buffers are updated in place).
+    Raises:
+        ValueError: the loader ended before ``num_iters`` items; non-finite statistics.
+    """
+    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+        raise ValueError(f"num_iters must be a positive integer, got {num_iters!r}")
+    if progress not in (None, "tqdm"):
+        raise ValueError(f"progress must be None or 'tqdm', got {progress!r}")
+    layers = [(n, m) for n, m in model.named_modules()
+              if m.training and isinstance(m, BN_MODULE_TYPES) and has_running_stats(m)]
+    if not layers:
+        return
+    accs = [LayerAccumulator(n, m.running_mean.numel(), m.running_mean.device, per_call=False)
+            for n, m in layers]
+    tracker = CallTracker(len(layers))
+    calls = [0] * len(layers)
+    state = PassState(model, layers)
+    try:
+        state.enter(set_modes=False)
+        state.install(accs, tracker)
+        from tqdm.auto import tqdm
+
+        ran = 0
+        with torch.no_grad():
+            for inputs in tqdm(itertools.islice(data_loader, num_iters), total=num_iters,
+                               disable=progress != "tqdm"):
+                tracker.begin_forward()
+                model(inputs)
+                calls = [c + k for c, k in zip(calls, tracker.counts)]
+                ran += 1
+        if ran < num_iters:
+            raise ValueError(f"update_bn_stats is meant to run for {num_iters} iterations, but "
+                             f"data_loader stopped after {ran}")
+        results, unused, bad = [], [], []
+        for (name, m), acc in zip(layers, accs):
+            mean, var, count = acc.estimate("population", unbiased=False)
+            if not bool((count > 0).all()):
+                unused.append(name)
+            elif not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+                bad.append(name)
+            else:
+                results.append((m, mean, var))
+        if bad:
+            raise ValueError(f"non-finite statistics (NaN/Inf) in BN layer(s) {bad}; the model "
+                             "is unchanged")
+    finally:
+        state.restore()
+    if unused:
+        warnings.warn(f"update_bn_stats: BN layer(s) {unused} never ran; left unchanged",
+                      stacklevel=2)
+    with torch.no_grad():
+        for m, mean, var in results:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+        for (_, m), c in zip(layers, calls):
+            if m.num_batches_tracked is not None and m.track_running_stats:
+                m.num_batches_tracked.add_(c)

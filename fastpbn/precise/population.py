@@ -1,0 +1,189 @@
+"""``PopulationStats``: the result of a recompute pass, per BN layer (mean, var, count)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any, Iterator, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor, nn
+
+from ._collect import has_running_stats
+
+_FORMAT = "fastpbn.PopulationStats/1"
+_FIELDS = ("mean", "var", "count")
+
+
+class LayerStats(NamedTuple):
+    """One layer's statistics, float64 (C,) tensors on the CPU. ``var`` is what goes into
+    ``running_var`` (unbiased, PyTorch's convention); ``count`` is the values per channel."""
+
+    mean: Tensor
+    var: Tensor
+    count: Tensor
+
+
+class PopulationStats(Mapping):
+    """Population statistics of BN layers: a mapping ``layer name -> LayerStats``.
+
+    Args:
+        layers: layer name (as in ``model.named_modules()``) -> (mean, var, count).
+        estimator: "population" or "batch_mean" (how ``var`` was computed).
+        num_samples: samples that went through the model (summed over ranks).
+        num_batches: normalization batches (forward calls, summed over ranks).
+        batch_size: the normalization batch size asked for (None: the loader's).
+        converged: with ``tol``, whether every channel converged; else None.
+    """
+
+    def __init__(self, layers: Mapping[str, Any], *, estimator: str = "population",
+                 num_samples: int = 0, num_batches: int = 0,
+                 batch_size: Optional[int] = None, converged: Optional[bool] = None):
+        self._layers: dict[str, LayerStats] = {}
+        for name, value in layers.items():
+            mean, var, count = (torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
+                                for v in value)
+            if not (mean.numel() == var.numel() == count.numel()):
+                raise ValueError(f"layer {name!r}: mean, var and count differ in length")
+            self._layers[name] = LayerStats(mean, var, count)
+        self.estimator = estimator
+        self.num_samples = int(num_samples)
+        self.num_batches = int(num_batches)
+        self.batch_size = batch_size
+        self.converged = converged
+
+    def __getitem__(self, name: str) -> LayerStats:
+        return self._layers[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layers)
+
+    def __len__(self) -> int:
+        return len(self._layers)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def summary(self) -> str:
+        """A short readable description: counts, then one line per layer."""
+        head = (f"PopulationStats({len(self)} layers, estimator={self.estimator!r}, "
+                f"samples={self.num_samples}, batches={self.num_batches}, "
+                f"batch_size={self.batch_size}, converged={self.converged})")
+        lines = [head]
+        for name, s in self._layers.items():
+            lines.append(
+                f"  {name or '<model>'}: C={s.mean.numel()} values/channel={int(s.count.max())} "
+                f"|mean| max={s.mean.abs().max():.4g} var min={s.var.min():.4g} "
+                f"max={s.var.max():.4g}"
+            )
+        return "\n".join(lines)
+
+    def _layer(self, model: nn.Module, name: str) -> nn.Module:
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"model has no layer {name!r}") from None
+        if not has_running_stats(m):
+            raise ValueError(f"layer {name!r} ({type(m).__name__}) has no running statistics")
+        c = self._layers[name].mean.numel()
+        if m.running_mean.numel() != c or m.running_var.numel() != c:
+            raise ValueError(
+                f"layer {name!r} has {m.running_mean.numel()} channels, these stats have {c}"
+            )
+        return m
+
+    @torch.no_grad()
+    def apply(self, model: nn.Module) -> None:
+        """Write ``running_mean``/``running_var`` of every layer named here, in place, in the
+        buffers' dtype and device. ``num_batches_tracked`` is left alone. Every layer is
+        checked first: a missing name or a channel mismatch raises ``ValueError`` and writes
+        nothing."""
+        modules = [(self._layer(model, name), s) for name, s in self._layers.items()]
+        for m, s in modules:
+            m.running_mean.copy_(s.mean)
+            m.running_var.copy_(s.var)
+
+    @torch.no_grad()
+    def drift(self, model: nn.Module) -> list[dict]:
+        """How far ``model``'s current running statistics (e.g. the training EMA) are from
+        these. Per layer: ``mean_err`` is |running_mean - mean| in units of the population std
+        (relative to the mean itself is meaningless where means are ~0), ``std_err`` is
+        |sqrt(running_var) - std| / std; each as max and mean over channels.
+
+        Returns:
+            One dict per layer: layer, channels, mean_err_max, mean_err_avg, std_err_max,
+            std_err_avg (floats).
+        """
+        rows = []
+        for name, s in self._layers.items():
+            m = self._layer(model, name)
+            rm = m.running_mean.detach().to("cpu", torch.float64)
+            rv = m.running_var.detach().to("cpu", torch.float64).clamp_min(0)
+            std = s.var.clamp_min(0).sqrt()
+            mean_err = _ratio((rm - s.mean).abs(), std)
+            std_err = _ratio((rv.sqrt() - std).abs(), std)
+            rows.append({
+                "layer": name, "channels": s.mean.numel(),
+                "mean_err_max": mean_err.max().item(), "mean_err_avg": mean_err.mean().item(),
+                "std_err_max": std_err.max().item(), "std_err_avg": std_err.mean().item(),
+            })
+        return rows
+
+    @staticmethod
+    def format_drift(rows: list[dict]) -> str:
+        """A plain-text table of :meth:`drift` rows."""
+        out = [f"{'layer':<40} {'C':>5} {'mean err max':>13} {'std err max':>12}"]
+        for r in rows:
+            out.append(f"{r['layer'] or '<model>':<40} {r['channels']:>5} "
+                       f"{r['mean_err_max']:>13.3e} {r['std_err_max']:>12.3e}")
+        return "\n".join(out)
+
+    def _metadata(self) -> dict[str, str]:
+        return {
+            "format": _FORMAT, "layers": json.dumps(list(self._layers)),
+            "estimator": self.estimator, "num_samples": str(self.num_samples),
+            "num_batches": str(self.num_batches), "batch_size": json.dumps(self.batch_size),
+            "converged": json.dumps(self.converged),
+        }
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Save to ``path``: safetensors when installed, else ``torch.save`` (tensors and
+        strings only, so :meth:`load` can use ``weights_only=True``)."""
+        tensors = {f"{name}.{f}": getattr(s, f).contiguous()
+                   for name, s in self._layers.items() for f in _FIELDS}
+        try:
+            from safetensors.torch import save_file
+        except ImportError:
+            torch.save({"metadata": self._metadata(), "tensors": tensors}, path)
+        else:
+            save_file(tensors, str(path), metadata=self._metadata())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike]) -> "PopulationStats":
+        """Load what :meth:`save` wrote (either format), without unpickling code."""
+        with open(path, "rb") as f:
+            is_zip = f.read(2) == b"PK"
+        if is_zip:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            meta, tensors = blob["metadata"], blob["tensors"]
+        else:
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        if meta.get("format") != _FORMAT:
+            raise ValueError(f"{path} is not a saved PopulationStats ({meta.get('format')!r})")
+        layers = {n: tuple(tensors[f"{n}.{f}"] for f in _FIELDS)
+                  for n in json.loads(meta["layers"])}
+        return cls(layers, estimator=meta["estimator"], num_samples=int(meta["num_samples"]),
+                   num_batches=int(meta["num_batches"]),
+                   batch_size=json.loads(meta["batch_size"]),
+                   converged=json.loads(meta["converged"]))
+
+
+def _ratio(err: Tensor, scale: Tensor) -> Tensor:
+    # a zero-variance channel: exact agreement is 0 error, anything else infinite
+    return torch.where(scale > 0, err / scale.where(scale > 0, 1.0),
+                       torch.where(err > 0, torch.inf, 0.0))

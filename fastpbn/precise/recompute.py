@@ -1,0 +1,303 @@
+"""``recompute_bn_stats``: PreciseBN (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", Sec. 3).
+
+Freeze the model, run samples through it with the selected BN layers normalizing by batch
+statistics, and pool each layer's inputs with equal weight per sample into exact float64
+(count, mean, M2) per channel. Nothing is written to the model until the pass has succeeded.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+from torch import nn
+
+from ._collect import CallTracker, LayerAccumulator, LayerSelection, PassState, select_layers
+from ._data import default_input, host_batches, on_device, regroup
+from ._forward import Forward
+from .population import PopulationStats
+
+ESTIMATORS = ("population", "batch_mean")
+SMALL_BATCH = 32  # below this the recomputed statistics are visibly off (paper, Table 2)
+
+
+def recompute_bn_stats(
+    model: nn.Module,
+    data: Iterable,
+    *,
+    num_samples: Optional[int] = None,
+    num_batches: Optional[int] = None,
+    batch_size: Optional[int] = None,
+    estimator: str = "population",
+    layers: LayerSelection = None,
+    input_fn: Optional[Callable[[Any], Any]] = None,
+    forward_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    device: Optional[torch.device | str] = None,
+    tol: Optional[float] = None,
+    progress: bool = False,
+    process_group=None,
+    apply: bool = True,
+    stop_early: Optional[bool] = None,
+    cuda_graph: bool = False,
+    tol_every: int = 8,
+) -> PopulationStats:
+    """Recompute the population statistics of a model's BN layers ("PreciseBN").
+
+    During the pass the selected layers normalize with batch statistics and every other module
+    is in eval mode (no dropout; frozen BN layers keep their running statistics). Afterwards
+    every ``training`` flag, momentum, buffer and hook is as before -- also when the pass
+    raises or is interrupted, in which case nothing is written. No host synchronization
+    happens per batch (only every ``tol_every`` batches with ``tol``).
+
+    Args:
+        model: the model; its BN layers' names in ``named_modules()`` key the result.
+        data: an iterable of items (tensor; tuple/list: first element; dict: the first of
+            "input", "inputs", "image", "images", "img", "x").
+        num_samples: use exactly this many samples (the item that crosses it is cut); the
+            data must hold them. Per rank when distributed.
+        num_batches: number of normalization batches (forward calls) to run.
+        batch_size: the normalization batch size. Loader batches are concatenated or split on
+            the device to reach it (the paper's Table 2: use >= ~100). The last batch holds
+            the remainder and is used when it has at least 2 samples; a batch of 1 sample is
+            skipped (with a warning): it gives the noisiest normalization and 1-D BN cannot
+            normalize it. None: the loader's batches as they come.
+        estimator: "population" (default): the pooled statistics of every value a layer saw,
+            ``running_var`` = M2/(N-1), exact under uneven batches. "batch_mean": the equal-
+            weight average of per-call means and unbiased variances (``swa_utils.update_bn``,
+            pycls, mmpretrain).
+        layers: which BN layers to recompute: a list of modules or ``fn(name, module) ->
+            bool``; None: every BN layer with running statistics.
+        input_fn: ``input_fn(item)`` -> model input (tensor or structure of tensors).
+        forward_fn: ``forward_fn(model, inputs)`` runs the model; default ``model(inputs)``.
+        device: where inputs go (non-blocking copies from pinned memory, overlapped with the
+            previous batch's forward on CUDA). None: the selected layers' device when they
+            share one.
+        tol: stop once, in every selected layer and channel, the standard error of the mean
+            (from the spread of per-call means) is at most ``tol`` x the population std;
+            ``num_samples``/``num_batches`` are then upper limits. Distributed: every rank
+            must converge on its own data (conservative).
+        progress: show a tqdm bar (samples/s).
+        process_group: merge per-rank statistics over this group (default: the default group
+            when torch.distributed is initialized), exactly, weighted by counts; every rank
+            ends with identical buffers. Every rank must call this function; a rank that
+            raises inside its loop leaves the others waiting at the merge (as any collective).
+        apply: write the result into the model's running buffers (else only return it).
+        stop_early: end each forward after the last call of a selected layer (learned on the
+            first batch) once every selected layer has made its calls. None (default): on
+            when it is safe -- no ``forward_fn`` (it may call the model more than once or need
+            outputs), no layer called more than once per forward, not a ``torch.compile``d
+            model. Turn it off for models whose later modules must run (side effects).
+        cuda_graph: capture the forward as a CUDA graph (fixed input shapes; batches of
+            another shape run eagerly). CUDA only; the forward must be capturable.
+        tol_every: with ``tol``, check convergence every this many batches (one sync each).
+    Returns:
+        The :class:`PopulationStats` (also applied to the model unless ``apply=False``).
+    Raises:
+        ValueError: bad arguments, empty data, data too short for ``num_samples``/
+            ``num_batches``, non-finite statistics (naming the layers).
+        RuntimeError: a selected layer never ran.
+    """
+    _check_args(model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every,
+                input_fn, forward_fn)
+    selected = select_layers(model, layers)
+    if not selected:
+        warnings.warn("recompute_bn_stats: the model has no BatchNorm layer with running "
+                      "statistics (or none is selected); nothing to recompute", stacklevel=2)
+        return PopulationStats({}, estimator=estimator, batch_size=batch_size)
+    device = _resolve_device(device, selected)
+    if cuda_graph and (device is None or device.type != "cuda"):
+        raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
+    group, distributed = _resolve_group(process_group)
+    per_call = estimator == "batch_mean" or tol is not None
+    accs = [LayerAccumulator(n, m.running_mean.numel(), m.running_mean.device, per_call)
+            for n, m in selected]
+    if stop_early is None:
+        stop_early = forward_fn is None and getattr(model, "_orig_mod", None) is None
+        auto_stop = True
+    else:
+        auto_stop = False
+    if batch_size is not None and batch_size < SMALL_BATCH:
+        _warn_small(batch_size)
+
+    tracker = CallTracker(len(selected))
+    state = PassState(model, selected)
+    try:
+        state.enter(set_modes=True)
+        state.install(accs, tracker)
+        max_samples = num_samples
+        max_items = num_batches if batch_size is None else None
+        if num_batches is not None and batch_size is not None:
+            cap = num_batches * batch_size
+            max_samples = cap if max_samples is None else min(max_samples, cap)
+        source = regroup(on_device(host_batches(data, input_fn or default_input, max_samples,
+                                                max_items), device), batch_size)
+        forward = Forward(model, forward_fn, tracker, device if cuda_graph else None)
+        with torch.no_grad():  # not inference_mode: tensors a model caches must stay usable
+            run = _run(source, forward, accs, tracker, state, tol, tol_every, progress,
+                       max_samples, stop_early, auto_stop, batch_size, group, distributed)
+        samples, batches, converged = _check_run(run, accs, num_samples, num_batches, tol,
+                                                 group, distributed)
+        if distributed:
+            for acc in accs:
+                acc.all_reduce(group)
+        stats = _estimates(accs, estimator)
+    finally:
+        state.restore()
+    result = PopulationStats(stats, estimator=estimator, num_samples=samples,
+                             num_batches=batches, batch_size=batch_size, converged=converged)
+    if apply:
+        result.apply(model)
+    return result
+
+
+def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total, stop_early,
+         auto_stop, batch_size, group, distributed) -> dict:
+    bar = _progress_bar(progress, total)
+    samples = batches = skipped = 0
+    converged = None
+    try:
+        for x, n in source:
+            if n < 2:
+                skipped += n
+                continue
+            forward(x)
+            samples += n
+            batches += 1
+            bar.update(n)
+            if batches == 1:
+                if batch_size is None and n < SMALL_BATCH:
+                    _warn_small(n)
+                tracker.learn()
+                reused = any(c > 1 for c in tracker.counts)
+                if stop_early and tracker.order and not (auto_stop and reused):
+                    state.install_stop(tracker)
+            if tol is not None and batches >= 2 and batches % tol_every == 0:
+                done, converged = _converged(accs, tol, group, distributed, exhausted=False)
+                if done:
+                    break
+        else:
+            if tol is not None:
+                # out of data: when distributed, keep answering the other ranks' checks
+                done = False
+                while not done:
+                    done, converged = _converged(accs, tol, group, distributed, exhausted=True)
+    finally:
+        bar.close()
+    if skipped:
+        warnings.warn(f"recompute_bn_stats: skipped {skipped} sample(s) in batches of one "
+                      "sample (BN cannot normalize them reliably)", stacklevel=3)
+    if tol is not None and not converged:
+        warnings.warn(f"recompute_bn_stats: tol={tol} not reached after {batches} batches "
+                      "(data or num_samples/num_batches ran out)", stacklevel=3)
+    return {"samples": samples, "skipped": skipped, "batches": batches, "converged": converged}
+
+
+def _converged(accs, tol, group, distributed, exhausted: bool) -> tuple[bool, bool]:
+    """(stop, converged); one host sync (and one collective when distributed)."""
+    conv = torch.stack([a.converged(tol).to(accs[0].total.device) for a in accs]).all()
+    flags = torch.stack([conv | exhausted, conv]).double()
+    if distributed:
+        import torch.distributed as dist
+
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN, group=group)
+    done, conv = flags.tolist()
+    return bool(done), bool(conv)
+
+
+def _check_run(run, accs, num_samples, num_batches, tol, group, distributed):
+    """Totals over ranks and the errors every rank must raise together (before any merge)."""
+    local = torch.tensor(
+        [run["samples"], run["batches"],
+         tol is None and num_samples is not None
+         and run["samples"] + run["skipped"] < num_samples,
+         tol is None and num_batches is not None and run["batches"] < num_batches],
+        dtype=torch.float64, device=accs[0].total.device,
+    )
+    ranks = [local]
+    if distributed:
+        import torch.distributed as dist
+
+        ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(ranks, local, group=group)
+    rows = [r.tolist() for r in ranks]
+    where = lambda r: f" on rank {r}" if distributed else ""  # noqa: E731
+    for r, (s, b, short_samples, short_batches) in enumerate(rows):
+        if short_samples:
+            raise ValueError(f"num_samples={num_samples} but the data ended after "
+                             f"{int(s)} samples{where(r)}")
+        if short_batches:
+            raise ValueError(f"num_batches={num_batches} but the data ended after "
+                             f"{int(b)} batches{where(r)}")
+    samples = int(sum(r[0] for r in rows))
+    if samples == 0:
+        raise ValueError("data yielded no samples (empty data, or only batches of one sample)")
+    return samples, int(sum(r[1] for r in rows)), run["converged"]
+
+
+def _estimates(accs, estimator) -> dict:
+    out, never, bad = {}, [], []
+    for acc in accs:
+        mean, var, count = (t.to("cpu", torch.float64) for t in acc.estimate(estimator))
+        if not bool((count > 0).all()):
+            never.append(acc.name)
+        elif not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
+            bad.append(acc.name)
+        out[acc.name] = (mean, var, count)
+    if never:
+        raise RuntimeError(f"BN layer(s) {never} never ran during the pass (not reached by "
+                           "the forward?); select only layers the forward uses")
+    if bad:
+        raise ValueError(f"non-finite statistics (NaN/Inf) in BN layer(s) {bad}; the model is "
+                         "unchanged")
+    return out
+
+
+def _check_args(model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every,
+                input_fn, forward_fn) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    if data is None or not hasattr(data, "__iter__"):
+        raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}")
+    for name, v, low in (("num_samples", num_samples, 1), ("num_batches", num_batches, 1),
+                         ("batch_size", batch_size, 2), ("tol_every", tol_every, 1)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
+            raise ValueError(f"{name} must be an integer >= {low} or None, got {v!r}")
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number or None, got {tol!r}")
+    for name, fn in (("input_fn", input_fn), ("forward_fn", forward_fn)):
+        if fn is not None and not callable(fn):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+
+
+def _resolve_device(device, selected) -> Optional[torch.device]:
+    if device is not None:
+        return torch.device(device)
+    devices = {m.running_mean.device for _, m in selected}
+    return devices.pop() if len(devices) == 1 else None
+
+
+def _resolve_group(process_group):
+    import torch.distributed as dist
+
+    if process_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group given but torch.distributed is not initialized")
+    elif not (dist.is_available() and dist.is_initialized()):
+        return None, False
+    return process_group, dist.get_world_size(process_group) > 1
+
+
+def _warn_small(n: int) -> None:
+    warnings.warn(f"recompute_bn_stats: normalization batch of {n} samples; below "
+                  f"{SMALL_BATCH} the recomputed statistics are biased (Wu & Johnson, Table 2: "
+                  "use batch_size >= 100)", stacklevel=4)
+
+
+def _progress_bar(progress: bool, total: Optional[int]):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not progress, unit="sample", unit_scale=True,
+                desc="precise BN", dynamic_ncols=True)

@@ -1,0 +1,572 @@
+"""Precise-BN recomputation (fastpbn.precise) against a float64 ground truth captured from each
+BN layer's inputs, against fvcore and torch.optim.swa_utils, and the nothing-lost guarantees."""
+
+import copy
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fastpbn import FastPreciseBN2d, convert_model
+from fastpbn.models import SmallCNN, small_resnet
+from fastpbn.precise import PopulationStats, recompute_bn_stats, update_bn_stats
+from fastpbn.precise._collect import has_running_stats
+
+
+def shifted(*shape, mean=40.0, std=3.0):
+    """Random data far from zero (where wrong formulas break)."""
+    return torch.randn(*shape) * std + mean
+
+
+def cnn(seed=0, **kw):
+    torch.manual_seed(seed)
+    return SmallCNN(width=4, **kw)
+
+
+def ground_truth(model, batches, names=None, forward=None):
+    """Per selected layer: float64 (pooled mean, pooled unbiased var, mean of per-call means,
+    mean of per-call unbiased vars, count), from the layer's inputs on the same batches, with
+    the selected layers in train mode and every other module in eval mode."""
+    m = copy.deepcopy(model)
+    if names is None:
+        names = [n for n, mod in m.named_modules() if has_running_stats(mod)]
+    for mod in m.modules():
+        mod.training = False
+    seen = {n: [] for n in names}
+    for n in names:
+        layer = m.get_submodule(n)
+        layer.training = True
+        layer.register_forward_pre_hook(
+            lambda mod, args, n=n: seen[n].append(args[0].detach().double())
+        )
+    with torch.no_grad():
+        for b in batches:
+            (forward or (lambda mm, x: mm(x)))(m, b)
+    out = {}
+    for n, xs in seen.items():
+        flat = [x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs]
+        allv = torch.cat(flat, 1)
+        out[n] = dict(
+            mean=allv.mean(1), var=allv.var(1), count=allv.shape[1],
+            bmean=torch.stack([f.mean(1) for f in flat]).mean(0),
+            bvar=torch.stack([f.var(1) for f in flat]).mean(0),
+        )
+    return out
+
+
+def assert_close_to_truth(stats, truth, kind="population", rtol=1e-9):
+    assert set(stats) == set(truth)
+    for n, t in truth.items():
+        mean, var = (t["mean"], t["var"]) if kind == "population" else (t["bmean"], t["bvar"])
+        std = var.sqrt()
+        assert ((stats[n].mean - mean).abs() / std).max() < rtol, n
+        assert ((stats[n].var - var).abs() / var).max() < rtol, n
+        assert torch.all(stats[n].count == t["count"]), n
+
+
+def snapshot(model):
+    return ({k: v.clone() for k, v in model.state_dict().items()},
+            [m.training for m in model.modules()])
+
+
+def assert_unchanged(model, snap):
+    sd, flags = snap
+    now = model.state_dict()
+    assert now.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(now[k], sd[k]), k
+    assert [m.training for m in model.modules()] == flags
+
+
+# ---- arithmetic ------------------------------------------------------------------------------
+
+def test_population_matches_float64_truth_uneven_batches():
+    model = cnn()
+    batches = [shifted(n, 1, 8, 8) for n in (5, 17, 3, 32)]  # uneven, incl. a small one
+    truth = ground_truth(model, batches)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # batch of 5 < 32 warns
+        stats = recompute_bn_stats(model, batches)
+    assert_close_to_truth(stats, truth)
+    assert stats.num_samples == 57 and stats.num_batches == 4
+    for n, s in stats.items():
+        layer = model.get_submodule(n)
+        assert torch.equal(layer.running_mean, s.mean.float())
+        assert torch.equal(layer.running_var, s.var.float())
+
+
+def test_batch_mean_estimator_matches_truth_and_swa_update_bn():
+    model = cnn(1)
+    batches = [shifted(n, 1, 8, 8) for n in (8, 12, 8, 16)]
+    truth = ground_truth(model, batches)
+    swa = copy.deepcopy(model)
+    torch.optim.swa_utils.update_bn(batches, swa)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = recompute_bn_stats(model, batches, estimator="batch_mean")
+    assert_close_to_truth(stats, truth, kind="batch_mean")
+    for n in stats:
+        ref = swa.get_submodule(n)
+        torch.testing.assert_close(model.get_submodule(n).running_mean, ref.running_mean,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(model.get_submodule(n).running_var, ref.running_var,
+                                   rtol=1e-4, atol=1e-6)
+    # the two estimators differ on uneven batches (that is the point of "population")
+    pop = recompute_bn_stats(model, batches, apply=False, batch_size=32)
+    assert any(not torch.allclose(pop[n].var, stats[n].var, rtol=1e-6) for n in stats)
+
+
+def test_fvcore_parity_on_benign_data():
+    fvcore = pytest.importorskip("fvcore.nn.precise_bn")
+    model = cnn(2).train()
+    batches = [torch.randn(16, 1, 8, 8) * 2 + 1 for _ in range(6)]
+    theirs, ours = copy.deepcopy(model), copy.deepcopy(model)
+    fvcore.update_bn_stats(theirs, batches, num_iters=6)
+    update_bn_stats(ours, batches, num_iters=6)
+    truth = ground_truth(model, batches)
+    a, b = theirs.state_dict(), ours.state_dict()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=2e-4, atol=1e-5)
+    for n, t in truth.items():  # fvcore's convention: running_var = M2/N
+        var_n = t["var"] * (t["count"] - 1) / t["count"]
+        assert ((ours.get_submodule(n).running_var.double() - var_n).abs() / var_n).max() < 1e-6
+
+
+@pytest.mark.parametrize("ratio", [1e3, 1e4, 3e4])
+def test_shifted_data_exact_where_fvcore_is_off(ratio):
+    fvcore = pytest.importorskip("fvcore.nn.precise_bn")
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.BatchNorm2d(4)).train()
+    batches = [torch.randn(32, 4, 4, 4) * 2 + 2 * ratio for _ in range(10)]
+    allv = torch.cat(batches).double().transpose(0, 1).reshape(4, -1)  # |mean|/std = ratio
+    var_n = allv.var(1, unbiased=False)
+    theirs, ours, pop = (copy.deepcopy(model) for _ in range(3))
+    fvcore.update_bn_stats(theirs, batches, num_iters=10)
+    update_bn_stats(ours, batches, num_iters=10)
+    stats = recompute_bn_stats(pop, batches)
+    err = lambda v, ref: ((v.double() - ref).abs() / ref).max().item()  # noqa: E731
+    assert err(theirs[0].running_var, var_n) > 0.05
+    assert err(ours[0].running_var, var_n) < 1e-6
+    assert err(pop[0].running_var, allv.var(1)) < 1e-6
+    assert err(stats["0"].var, allv.var(1)) < 1e-9
+    assert ((stats["0"].mean - allv.mean(1)).abs() / allv.std(1)).max() < 1e-9
+
+
+def test_stock_and_fastprecisebn_layers_agree():
+    model = cnn(4)
+    fast = convert_model(copy.deepcopy(model))
+    assert isinstance(fast.features[1], FastPreciseBN2d)
+    batches = [shifted(32, 1, 8, 8) for _ in range(3)]
+    a = recompute_bn_stats(model, batches)
+    b = recompute_bn_stats(fast, batches)
+    assert_close_to_truth(b, ground_truth(model, batches))
+    for n in a:
+        torch.testing.assert_close(b[n].mean, a[n].mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b[n].var, a[n].var, rtol=1e-12, atol=1e-12)
+    assert fast.features[1].accumulator is None  # restored
+
+
+def test_bn1d_and_syncbn_layers():
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Unflatten(1, (5, 1)),
+                          nn.Conv1d(5, 3, 1), nn.SyncBatchNorm(3))
+    batches = [shifted(n, 6) for n in (40, 33)]
+    truth = ground_truth(model, batches)
+    stats = recompute_bn_stats(model, batches)
+    assert_close_to_truth(stats, truth)
+    assert set(stats) == {"1", "4"}
+
+
+# ---- batching and stopping -------------------------------------------------------------------
+
+def test_batch_size_regroups_like_a_loader_of_that_size():
+    model = cnn(6)
+    small = [shifted(8, 1, 8, 8) for _ in range(12)]
+    big = [torch.cat(small[i:i + 4]) for i in range(0, 12, 4)]
+    a = recompute_bn_stats(model, small, batch_size=32, apply=False)
+    b = recompute_bn_stats(model, big, apply=False)
+    assert a.num_batches == 3 and a.num_samples == 96
+    for n in a:
+        assert torch.equal(a[n].mean, b[n].mean) and torch.equal(a[n].var, b[n].var)
+    # splitting a loader batch: 2 x 48 at batch_size 32 -> 32, 32, remainder 32
+    c = recompute_bn_stats(model, [torch.cat(small[:6]), torch.cat(small[6:])], batch_size=32,
+                           apply=False)
+    for n in a:
+        assert torch.equal(a[n].mean, c[n].mean) and torch.equal(a[n].var, c[n].var)
+
+
+def test_batch_size_remainder_and_single_sample():
+    model = cnn(7)
+    data = [shifted(8, 1, 8, 8) for _ in range(5)]  # 40 = 32 + 8
+    truth = ground_truth(model, [torch.cat(data[:4]), data[4]])
+    stats = recompute_bn_stats(model, data, batch_size=32)
+    assert_close_to_truth(stats, truth)
+    assert stats.num_batches == 2
+    with pytest.warns(UserWarning, match="skipped 1 sample"):
+        one = recompute_bn_stats(model, data[:4] + [shifted(1, 1, 8, 8)], batch_size=32)
+    assert (one.num_samples, one.num_batches) == (32, 1)
+
+
+def counting(batches):
+    pulled = []
+
+    def gen():
+        for b in batches:
+            pulled.append(1)
+            yield b
+    return gen(), pulled
+
+
+def test_num_samples_exact_and_lazy():
+    model = cnn(8)
+    data = [shifted(8, 1, 8, 8) for _ in range(10)]
+    it, pulled = counting(data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = recompute_bn_stats(model, it, num_samples=20)
+        truth = ground_truth(model, [data[0], data[1], data[2][:4]])
+    assert_close_to_truth(stats, truth)
+    assert stats.num_samples == 20 and stats.num_batches == 3 and len(pulled) == 3
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="num_samples=100"):
+        recompute_bn_stats(model, data, num_samples=100, batch_size=32)
+    assert_unchanged(model, snap)
+
+
+def test_num_batches_with_and_without_batch_size(capsys):
+    model = cnn(9)
+    data = [shifted(8, 1, 8, 8) for _ in range(10)]
+    it, pulled = counting(data)
+    s = recompute_bn_stats(model, it, num_batches=2, batch_size=32, apply=False, progress=True)
+    assert (s.num_batches, s.num_samples, len(pulled)) == (2, 64, 8)
+    assert "sample" in capsys.readouterr().err  # the tqdm bar counts samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        s = recompute_bn_stats(model, data, num_batches=3, apply=False)
+        assert (s.num_batches, s.num_samples) == (3, 24)
+        with pytest.raises(ValueError, match="num_batches=11"):
+            recompute_bn_stats(model, data, num_batches=11)
+
+
+def test_tol_stops_early_when_converged():
+    model = cnn(10)
+    data = [shifted(32, 1, 8, 8) for _ in range(40)]
+    it, pulled = counting(data)
+    s = recompute_bn_stats(model, it, tol=0.1, tol_every=4)
+    assert s.converged is True
+    assert s.num_batches < 40 and s.num_batches % 4 == 0 and len(pulled) <= s.num_batches + 1
+    assert_close_to_truth(s, ground_truth(model, data[:s.num_batches]))
+    with pytest.warns(UserWarning, match="not reached"):
+        s = recompute_bn_stats(model, data[:6], tol=1e-6, apply=False)
+    assert s.converged is False and s.num_batches == 6
+
+
+class SharedHead(nn.Module):
+    """One BN layer called on two feature maps per forward (a shared detection head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(1, 3, 3, padding=1)
+        self.down = nn.Conv2d(3, 3, 3, stride=2, padding=1)
+        self.head_bn = nn.BatchNorm2d(3)
+        self.tail = nn.Linear(3, 2)
+
+    def forward(self, x):
+        f1 = self.stem(x)
+        f2 = self.down(f1)
+        y = self.head_bn(f1).mean((2, 3)) + self.head_bn(f2).mean((2, 3))
+        return self.tail(y)
+
+
+@pytest.mark.parametrize("stop_early", [None, True, False])
+def test_reused_layer_accumulates_every_call(stop_early):
+    torch.manual_seed(11)
+    model = SharedHead()
+    batches = [shifted(32, 1, 8, 8) for _ in range(3)]
+    truth = ground_truth(model, batches)
+    assert truth["head_bn"]["count"] == 3 * 32 * (64 + 16)
+    stats = recompute_bn_stats(model, batches, stop_early=stop_early)
+    assert_close_to_truth(stats, truth)
+    ours = copy.deepcopy(model).train()
+    update_bn_stats(ours, batches, num_iters=3)  # fvcore would assert here
+    var_n = truth["head_bn"]["var"] * (truth["head_bn"]["count"] - 1) / truth["head_bn"]["count"]
+    torch.testing.assert_close(ours.head_bn.running_var.double(), var_n, rtol=1e-6, atol=0)
+    assert ours.head_bn.num_batches_tracked.item() == 6
+
+
+def test_stop_early_skips_layers_after_the_last_bn():
+    model = cnn(12)
+    calls = []
+    model.head.register_forward_hook(lambda *_: calls.append(1))
+    batches = [shifted(32, 1, 8, 8) for _ in range(4)]
+    a = recompute_bn_stats(model, batches, apply=False)
+    assert len(calls) == 1  # only the first batch, which learns the call order, runs the head
+    b = recompute_bn_stats(model, batches, stop_early=False, apply=False)
+    assert len(calls) == 5
+    for n in a:
+        assert torch.equal(a[n].mean, b[n].mean) and torch.equal(a[n].var, b[n].var)
+    recompute_bn_stats(model, batches, forward_fn=lambda m, x: m(x), apply=False)
+    assert len(calls) == 9  # forward_fn given: not stopped by default
+
+
+# ---- modes, selection, inputs ----------------------------------------------------------------
+
+def test_dropout_off_and_other_modules_eval_during_pass():
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.Dropout(0.5), nn.BatchNorm2d(4)).train()
+    batches = [shifted(16, 1, 6, 6) for _ in range(3)]
+    truth = ground_truth(model, [torch.cat(batches)])
+    seen = []
+    model[1].register_forward_hook(lambda m, i, o: seen.append((m.training, torch.equal(i[0], o))))
+    stats = recompute_bn_stats(model, batches, batch_size=48)
+    assert_close_to_truth(stats, truth)
+    assert seen == [(False, True)]
+    assert all(m.training for m in model.modules())
+
+
+def test_modes_momentum_hooks_restored_and_frozen_layer_untouched():
+    model = cnn(14)
+    model.train()
+    model.features[1].eval()  # a frozen layer
+    model.features[4].momentum = None
+    model.features[8].momentum = 0.3
+    model.features[4].register_forward_pre_hook(lambda *_: None)
+    frozen = {k: v.clone() for k, v in model.features[1].state_dict().items()}
+    hooks = [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()]
+    flags = [m.training for m in model.modules()]
+    batches = [shifted(32, 1, 8, 8) for _ in range(2)]
+    names = ["features.4", "features.8"]
+    truth = ground_truth(model, batches, names)
+    stats = recompute_bn_stats(model, batches, layers=lambda n, m: n != "features.1")
+    assert_close_to_truth(stats, truth)
+    assert [m.training for m in model.modules()] == flags
+    assert [(len(m._forward_pre_hooks), len(m._forward_hooks)) for m in model.modules()] == hooks
+    assert model.features[4].momentum is None and model.features[8].momentum == 0.3
+    assert all(torch.equal(v, frozen[k]) for k, v in model.features[1].state_dict().items())
+    assert all(m.track_running_stats for m in model.modules() if hasattr(m, "running_mean"))
+    # a list of modules selects the same
+    s2 = recompute_bn_stats(model, batches, layers=[model.features[8], model.features[4]],
+                            apply=False)
+    assert list(s2) == names
+
+
+def test_data_items_input_fn_forward_fn_device():
+    model = cnn(15)
+    xs = [shifted(16, 1, 8, 8) for _ in range(2)]
+    ref = recompute_bn_stats(model, xs, apply=False, batch_size=32)
+    variants = [
+        dict(data=[(x, torch.zeros(16)) for x in xs]),
+        dict(data=[{"label": 0, "image": x} for x in xs]),
+        dict(data=[{"pixels": x} for x in xs], input_fn=lambda d: d["pixels"]),
+        dict(data=[(x,) for x in xs], forward_fn=lambda m, inp: m(inp[0]),
+             input_fn=lambda item: item),
+        dict(data=xs, device="cpu"),
+    ]
+    for kw in variants:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            s = recompute_bn_stats(model, apply=False, batch_size=32, **kw)
+        for n in ref:
+            assert torch.equal(s[n].mean, ref[n].mean) and torch.equal(s[n].var, ref[n].var)
+    with pytest.raises(ValueError, match="none of"):
+        recompute_bn_stats(model, [{"pixels": xs[0]}])
+
+
+def test_small_batch_warning():
+    with pytest.warns(UserWarning, match="batch of 8 samples"):
+        recompute_bn_stats(cnn(16), [shifted(8, 1, 8, 8)], apply=False)
+    with pytest.warns(UserWarning, match="batch of 16 samples"):
+        recompute_bn_stats(cnn(16), [shifted(32, 1, 8, 8)], batch_size=16, apply=False)
+
+
+# ---- nothing lost ----------------------------------------------------------------------------
+
+def failing(batches, at, exc):
+    for i, b in enumerate(batches):
+        if i == at:
+            raise exc
+        yield b
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("loader broke"), KeyboardInterrupt()])
+def test_exception_mid_loop_leaves_model_bitwise_unchanged(exc):
+    model = convert_model(cnn(17))  # FastPreciseBN layers: the accumulator must be restored
+    model.features[4] = nn.BatchNorm2d(8)  # and one stock layer (hooks)
+    model.train()
+    snap = snapshot(model)
+    batches = [shifted(32, 1, 8, 8) for _ in range(4)]
+    with pytest.raises(type(exc)):
+        recompute_bn_stats(model, failing(batches, 2, exc))
+    assert_unchanged(model, snap)
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    assert "accumulator" not in model.features[1].__dict__
+    with pytest.raises(type(exc)):
+        update_bn_stats(model, failing(batches, 2, exc), num_iters=4)
+    assert_unchanged(model, snap)
+
+
+class AlwaysEMA(nn.BatchNorm2d):
+    """A BN subclass that updates its buffers whatever track_running_stats says."""
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x, self.running_mean, self.running_var, self.weight,
+                                        self.bias, True, 0.1, self.eps)
+
+
+def test_buffers_restored_even_for_a_layer_ignoring_track_running_stats():
+    torch.manual_seed(26)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), AlwaysEMA(3))
+    snap = snapshot(model)
+    batches = [shifted(32, 1, 6, 6) for _ in range(3)]
+    with pytest.raises(RuntimeError, match="loader broke"):
+        recompute_bn_stats(model, failing(batches, 2, RuntimeError("loader broke")))
+    assert_unchanged(model, snap)
+    stats = recompute_bn_stats(model, batches)
+    assert_close_to_truth(stats, ground_truth(model, batches))
+    assert torch.equal(model[1].running_var, stats["1"].var.float())
+
+
+def test_nonfinite_data_raises_naming_layer_and_changes_nothing():
+    model = cnn(18).train()
+    snap = snapshot(model)
+    bad = shifted(32, 1, 8, 8)
+    bad[3, 0, 2, 2] = float("nan")
+    data = [shifted(32, 1, 8, 8), bad]
+    with pytest.raises(ValueError, match="features.1"):
+        recompute_bn_stats(model, data)
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match="features.1"):
+        update_bn_stats(model, data, num_iters=2)
+    assert_unchanged(model, snap)
+
+
+def test_empty_data_no_bn_never_ran_and_bad_arguments():
+    model = cnn(19)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="no samples"):
+        recompute_bn_stats(model, [])
+    with pytest.raises(ValueError, match="stopped after 0"):
+        update_bn_stats(model, [], num_iters=3)
+    assert_unchanged(model, snap)
+    with pytest.warns(UserWarning, match="no BatchNorm"):
+        s = recompute_bn_stats(nn.Sequential(nn.Linear(2, 2)), [torch.randn(4, 2)])
+    assert len(s) == 0
+    unused = nn.ModuleDict({"used": nn.BatchNorm1d(2), "unused": nn.BatchNorm1d(2)})
+    unused.forward = lambda x: unused["used"](x)
+    with pytest.raises(RuntimeError, match="unused"):
+        recompute_bn_stats(unused, [shifted(40, 2)])
+    for kw, match in [(dict(estimator="ema"), "estimator"), (dict(batch_size=1), "batch_size"),
+                      (dict(num_samples=0), "num_samples"), (dict(tol=-1.0), "tol"),
+                      (dict(layers=[nn.ReLU()]), "layers"), (dict(cuda_graph=True), "cuda")]:
+        with pytest.raises(ValueError, match=match):
+            recompute_bn_stats(model, [shifted(4, 1, 8, 8)], **kw)
+    with pytest.raises(TypeError, match="model"):
+        recompute_bn_stats(lambda x: x, [])
+    assert_unchanged(model, snap)
+
+
+# ---- PopulationStats -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", ["safetensors", "torch"])
+def test_apply_false_save_load_round_trip(tmp_path, monkeypatch, backend):
+    model = cnn(20)
+    snap = snapshot(model)
+    batches = [shifted(32, 1, 8, 8) for _ in range(2)]
+    stats = recompute_bn_stats(model, batches, apply=False, batch_size=64)
+    assert_unchanged(model, snap)
+    if backend == "torch":
+        monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # force the fallback
+    path = tmp_path / "stats.bin"
+    stats.save(path)
+    loaded = PopulationStats.load(path)
+    assert list(loaded) == list(stats)
+    for n in stats:
+        for a, b in zip(stats[n], loaded[n]):
+            assert torch.equal(a, b)
+    assert (loaded.estimator, loaded.num_samples, loaded.num_batches, loaded.batch_size,
+            loaded.converged) == ("population", 64, 1, 64, None)
+    loaded.apply(model)
+    applied = copy.deepcopy(model)
+    fresh = cnn(20)
+    recompute_bn_stats(fresh, batches, batch_size=64)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(applied.state_dict()[k], v), k
+    assert "features.8" in repr(loaded) and "samples=64" in repr(loaded)
+
+
+def test_apply_errors_change_nothing():
+    model = cnn(21)
+    stats = recompute_bn_stats(model, [shifted(32, 1, 8, 8)], apply=False)
+    other = cnn(22)
+    other.features[8] = nn.BatchNorm2d(5)  # channel mismatch in the last layer
+    snap = snapshot(other)
+    with pytest.raises(ValueError, match="features.8"):
+        stats.apply(other)
+    assert_unchanged(other, snap)
+    with pytest.raises(ValueError, match="no layer 'features.1'"):
+        stats.apply(nn.Sequential())
+
+
+def test_drift_reports_how_far_the_ema_is():
+    model = cnn(23)
+    stats = recompute_bn_stats(model, [shifted(64, 1, 8, 8)])
+    rows = stats.drift(model)
+    assert [r["layer"] for r in rows] == list(stats)
+    assert all(r["mean_err_max"] < 1e-6 and r["std_err_max"] < 1e-6 for r in rows)
+    s = stats["features.4"]
+    with torch.no_grad():
+        model.features[4].running_mean.copy_(s.mean + 0.5 * s.var.sqrt())
+        model.features[4].running_var.copy_(s.var * 4)
+    row = stats.drift(model)[1]
+    assert row["mean_err_max"] == pytest.approx(0.5, rel=1e-5)
+    assert row["std_err_max"] == pytest.approx(1.0, rel=1e-5)
+    assert "features.4" in PopulationStats.format_drift(stats.drift(model))
+
+
+def test_small_resnet_with_fastprecisebn_population():
+    torch.manual_seed(24)
+    model = convert_model(small_resnet(width=4))
+    batches = [shifted(8, 3, 16, 16, mean=5.0) for _ in range(4)]
+    truth = ground_truth(model, [torch.cat(batches)])
+    stats = recompute_bn_stats(model, batches, batch_size=32)
+    assert_close_to_truth(stats, truth)
+
+
+def test_fastprecisebn_accumulator_in_the_triton_stats_kernel():
+    """The accumulator path through kernel K1 (the Triton interpreter on CPU)."""
+    pytest.importorskip("triton")
+    import fastpbn
+
+    if fastpbn._backend.TritonBackend().not_supported_reasons(torch.zeros(2, 2)):
+        pytest.skip("the triton backend cannot run here")
+    from fastpbn import kernels
+
+    if not all(hasattr(kernels, op) for op in ("forward_train", "welford_update")):
+        pytest.skip("fastpbn.kernels does not provide the backend contract yet")
+    torch.manual_seed(27)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), FastPreciseBN2d(3), nn.ReLU(), FastPreciseBN2d(3))
+    batches = [shifted(16, 2, 6, 6) for _ in range(3)]
+    fastpbn.set_backend("triton")
+    stats = recompute_bn_stats(model, batches, batch_size=48)
+    # float32 arithmetic in the kernel, float64 across batches
+    assert_close_to_truth(stats, ground_truth(model, [torch.cat(batches)]), rtol=1e-5)
+
+
+# ---- CUDA ------------------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("convert", [False, True])
+def test_cuda_graph_and_pinned_prefetch_match_eager(convert):
+    model = cnn(25).cuda()
+    if convert:
+        model = convert_model(model)
+    data = [shifted(16, 1, 8, 8).pin_memory() for _ in range(9)]  # remainder batch runs eager
+    eager = recompute_bn_stats(model, data, batch_size=32, apply=False)
+    graph = recompute_bn_stats(model, data, batch_size=32, apply=False, cuda_graph=True)
+    for n in eager:
+        torch.testing.assert_close(graph[n].mean, eager[n].mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(graph[n].var, eager[n].var, rtol=1e-12, atol=1e-12)
+    truth = ground_truth(model, [torch.cat(data[i:i + 2]).cuda() for i in range(0, 9, 2)])
+    assert_close_to_truth(eager, truth, rtol=1e-6)
