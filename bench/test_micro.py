@@ -1,0 +1,82 @@
+"""CPU micro-benchmarks (pytest-benchmark): ``pytest bench/ --benchmark-only``.
+
+fastpbn against stock PyTorch on the same tensors, grouped so that each table compares like
+with like. Not collected by the test suite (testpaths = tests). On CPU fastpbn runs its
+``torch`` backend: these numbers measure fastpbn's dispatch overhead, not the Triton kernels.
+"""
+
+import copy
+import warnings
+
+import fvcore.nn
+import pytest
+import torch
+from torch import nn
+
+import fastpbn
+from fastpbn.models import SmallCNN
+from fastpbn.precise import recompute_bn_stats
+
+SHAPES = [(8, 64, 28, 28), (4096, 32, 1, 1)]  # a ResNet-like map; BatchNorm1d-like
+
+
+def _x(shape, requires_grad=False):
+    return (torch.randn(shape) * 2.0 + 5.0).requires_grad_(requires_grad)  # mean far from 0
+
+
+def _bn(kind, c):
+    return fastpbn.FastPreciseBN2d(c) if kind == "fastpbn" else nn.BatchNorm2d(c)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("impl", ["fastpbn", "torch-var_mean"])
+def test_stats(benchmark, impl, shape):
+    benchmark.group = f"stats {shape}"
+    x = _x(shape)
+    if impl == "fastpbn":
+        mean, var, _ = benchmark(fastpbn.batch_stats, x)
+    else:
+        var, mean = benchmark(torch.var_mean, x, dim=[0, 2, 3], correction=0)
+    torch.testing.assert_close(mean, x.mean((0, 2, 3)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("impl", ["fastpbn", "torch-eager"])
+def test_forward_train(benchmark, impl, shape):
+    benchmark.group = f"forward train {shape}"
+    x, bn = _x(shape, True), _bn(impl, shape[1])
+    y = benchmark(bn, x)
+    assert y.shape == x.shape
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("impl", ["fastpbn", "torch-eager"])
+def test_forward_backward_train(benchmark, impl, shape):
+    benchmark.group = f"forward+backward train {shape}"
+    x, bn = _x(shape, True), _bn(impl, shape[1])
+    dy = torch.randn(shape)
+    dx, dw, db = benchmark(lambda: torch.autograd.grad(bn(x), [x, bn.weight, bn.bias], dy))
+    torch.testing.assert_close(db, dy.sum((0, 2, 3)), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("impl", ["fastpbn", "fvcore", "torch-swa-update_bn"])
+def test_recompute_small_cnn(benchmark, impl):
+    benchmark.group = "recompute small CNN, 16 batches of 8"
+    torch.manual_seed(0)
+    model = SmallCNN(3, 10, 16).eval()
+    data = [torch.randn(8, 3, 32, 32) * 2.0 + 3.0 for _ in range(16)]
+
+    def run():
+        m = copy.deepcopy(model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # batch 8 is below the recommended 32, on purpose
+            if impl == "fastpbn":
+                recompute_bn_stats(m, data)
+            elif impl == "fvcore":
+                fvcore.nn.update_bn_stats(m.train(), data, num_iters=len(data))
+            else:
+                torch.optim.swa_utils.update_bn(data, m)
+        return m
+
+    m = benchmark(run)
+    assert not torch.equal(m.features[1].running_mean, model.features[1].running_mean)

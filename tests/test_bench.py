@@ -1,0 +1,261 @@
+"""The benchmark harness: traffic model, plan, timers, float64 ground truth, error metric,
+record arithmetic, and an end-to-end ``python -m fastpbn bench --tiny`` run (no timing
+assertions: only structure and correctness of what is reported)."""
+
+import copy
+import json
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from fastpbn.bench import batchnorm, main, recompute, report, timing
+from fastpbn.reference import batch_stats_reference
+
+CPU = torch.device("cpu")
+REQUIRED_TOP = {"device", "torch", "triton", "cuda", "date", "copy_gbps", "records"}
+REQUIRED_RECORD = {"bench", "shape", "dtype", "layout", "pass", "impl", "baseline", "ms",
+                   "baseline_ms", "speedup", "gbps", "median", "p20", "p80"}
+
+
+def test_bytes_moved_follows_the_traffic_model():
+    shape = (2, 3, 4, 5)  # 120 values
+    assert batchnorm.bytes_moved(shape, torch.float32, "stats", "train") == 120 * 4
+    assert batchnorm.bytes_moved(shape, torch.bfloat16, "forward", "train") == 120 * 2 * 3
+    assert batchnorm.bytes_moved(shape, torch.float16, "backward", "train") == 120 * 2 * 4
+    assert batchnorm.bytes_moved(shape, torch.float32, "forward_backward", "train") == 120 * 28
+    assert batchnorm.bytes_moved(shape, torch.float32, "forward", "eval") == 120 * 4 * 2
+
+
+def test_full_plan_is_the_bench_md_shape_set():
+    cases = batchnorm.plan("full", CPU, compile_=True)
+    assert len(batchnorm.FULL_SHAPES) == 31
+    assert len(cases) == 31 * 3 * 2  # shapes x dtypes x layouts
+    assert {c.shape for c in cases} == set(batchnorm.FULL_SHAPES)
+    assert (128, 2048, 7, 7) in {c.shape for c in cases}
+    compiled = [c for c in cases if c.compile]
+    assert compiled and all(c.dtype != torch.float16 for c in compiled)
+    assert all(c.shape[0] == 128 or c.shape in batchnorm.BAD_SHAPES for c in compiled)
+    assert not any(c.graph for c in cases)  # CUDA graphs only on a CUDA device
+    assert all("forward_backward" in c.passes["train"] for c in cases)
+    assert not any(c.compile for c in batchnorm.plan("full", CPU, compile_=False))
+
+
+def test_quick_and_tiny_plans():
+    quick = batchnorm.plan("quick", CPU, compile_=True)
+    assert len(quick) == len(batchnorm.QUICK_SHAPES) * 2 * 2
+    assert sum(c.compile for c in quick) == 2
+    tiny = batchnorm.plan("tiny", CPU, compile_=True)
+    assert len(tiny) == 1 and not tiny[0].compile
+    with pytest.raises(ValueError, match="preset"):
+        batchnorm.plan("huge", CPU, compile_=True)
+
+
+def test_time_fn_cpu_quantiles_are_ordered():
+    x = torch.randn(256, 256) + 3.0
+    t = timing.time_fn(lambda: x @ x, CPU, min_run_time=0.02)
+    assert 0 < t.p20 <= t.median <= t.p80
+
+
+def test_time_fn_graph_needs_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        timing.time_fn(lambda: None, CPU, graph=True)
+
+
+def test_device_stamp_and_slug():
+    name = timing.device_name(CPU)
+    assert "CPU" in name and f"{torch.get_num_threads()} threads" in name
+    slug = timing.device_slug(CPU)
+    assert slug.startswith("cpu-") and re.fullmatch(r"[a-z0-9-]+", slug)
+
+
+def _tiny_setup(**kw):
+    return recompute.Setup("t", lambda: recompute._input_bn_cnn(4), 4, (3, 8, 8), 6, **kw)
+
+
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_ground_truth_equals_float64_stats_of_all_captured_inputs(batch_size):
+    model, batches = recompute.prepare(_tiny_setup(data_mean=50.0, data_std=3.0), CPU)
+    truth = recompute.ground_truth(model, batches, batch_size)
+    # independent route: capture every BN input of the same pass, concatenate, reduce once
+    m = copy.deepcopy(model).eval()
+    seen = {}
+    for name, bn in recompute.bn_layers(m).items():
+        bn.train()
+        bn.register_forward_pre_hook(
+            lambda mod, a, name=name: seen.setdefault(name, []).append(a[0].double()))
+    with torch.no_grad():
+        for b in recompute._regroup(batches, batch_size):
+            m(b)
+    assert set(truth) == set(seen) and len(truth) == 4
+    for name, (mean, m2, n) in truth.items():
+        ref_mean, ref_var, ref_n = batch_stats_reference(torch.cat(seen[name]))
+        assert n == ref_n
+        torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m2 / n, ref_var, rtol=1e-10, atol=1e-12)
+    # the model itself is untouched
+    for bn in recompute.bn_layers(model).values():
+        assert not bn.training
+
+
+def test_stats_error_metric():
+    model, batches = recompute.prepare(_tiny_setup(), CPU)
+    truth = recompute.ground_truth(model, batches)
+    layers = recompute.bn_layers(model)
+    for name, (mean, m2, n) in truth.items():
+        layers[name].running_mean.copy_(mean)
+        layers[name].running_var.copy_(m2 / (n - 1))
+    err = recompute.stats_error(model, truth)
+    assert err["max"] < 1e-6
+    assert recompute.stats_error(model, truth, biased=True)["var"] > 0.5 / max(
+        n for _, _, n in truth.values())
+    name = next(iter(truth))
+    layers[name].running_var.mul_(1.01)
+    assert recompute.stats_error(model, truth)["var"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_recompute_peers_errors_are_what_they_are():
+    """fvcore's float32 E[x²] − E[x]² breaks on an input BN with |mean|/std = 1e4;
+    swa_utils.update_bn's average of per-batch variances misses the spread of batch means."""
+    setup = _tiny_setup(data_mean=1e4, data_std=1.0)
+    model, batches = recompute.prepare(setup, CPU)
+    truth = recompute.ground_truth(model, batches)
+    ms = recompute.methods(CPU, setup.batch)
+    errs = {}
+    for name in ("fvcore", "torch-swa-update_bn"):
+        m = ms[name].prep(copy.deepcopy(model))
+        ms[name].run(m, batches)
+        errs[name] = recompute.stats_error(m, truth, ms[name].biased)
+    assert errs["fvcore"]["var"] > 0.1
+    assert errs["torch-swa-update_bn"]["var"] > 1e-4
+
+
+def _record(shape=(2, 3, 4, 4)):
+    case = batchnorm.Case(shape, torch.float32, True)
+    t, tb = timing.Timing(2.0, 1.5, 2.5), timing.Timing(3.0, 2.9, 3.3)
+    return batchnorm.make_record(case, "forward", "train", "fastpbn[torch]", "torch-eager",
+                                 t, tb, copy_gbps=0.0001)
+
+
+def test_make_record_arithmetic():
+    r = _record()
+    assert REQUIRED_RECORD <= set(r)
+    assert r["layout"] == "channels_last" and r["shape"] == [2, 3, 4, 4]
+    assert r["speedup"] == pytest.approx(1.5)
+    assert r["bytes"] == 96 * 4 * 3
+    assert r["gbps"] == pytest.approx(r["bytes"] / 2.0e-3 / 1e9)
+    assert r["pct_copy"] == pytest.approx(100 * r["gbps"] / 0.0001)
+    assert (r["p20"], r["p80"], r["baseline_p80"]) == (1.5, 2.5, 3.3)
+
+
+def test_summary_median_and_worst():
+    recs = []
+    for s in (0.5, 2.0, 4.0):
+        r = _record()
+        r["speedup"] = s
+        recs.append(r)
+    (row,) = report.summary(recs)
+    assert (row["n"], row["median"], row["min"]) == (3, 2.0, 0.5)
+
+
+def test_cli_tiny_end_to_end(tmp_path):
+    out = tmp_path / "res"
+    rc = main(["--tiny", "--out", str(out), "--no-progress"])
+    result = json.loads((out / "results.json").read_text())
+    assert rc == 0, result["errors"]
+    assert REQUIRED_TOP <= set(result)
+    assert result["cuda"] is None and "CPU" in result["device"]
+    assert result["copy_gbps"] > 0 and result["preset"] == "tiny"
+    records = result["records"]
+    assert all(REQUIRED_RECORD <= set(r) for r in records)
+    kern = [r for r in records if r["bench"] == "batch_norm"]
+    assert {r["pass"] for r in kern} == {"stats", "forward", "forward_backward"}
+    for r in kern:
+        assert r["ms"] > 0 and r["speedup"] == pytest.approx(r["baseline_ms"] / r["ms"])
+        assert r["p20"] <= r["median"] <= r["p80"]
+    rec = [r for r in records if r["bench"] == "recompute"]
+    assert {r["baseline"] for r in rec} == set(recompute.BASELINES)
+    headline = [r for r in rec if r["headline"]]
+    assert len(headline) == 2 * len(recompute.BASELINES)  # per setup and baseline
+    for r in rec:
+        assert r["samples_per_s"] == pytest.approx(r["samples"] / (r["ms"] * 1e-3))
+        if r["impl"].startswith("fastpbn"):
+            assert r["err"] < 1e-5, r  # float32 buffers: ~1e-7 is the floor
+    stress = [r for r in rec if r["data"].startswith("mean 10000")]
+    assert stress and all(r["baseline_err"] > 0.1 for r in stress if r["baseline"] == "fvcore")
+    md = (out / "results.md").read_text()
+    assert "CPU results" in md and "| shape |" in md and "## Recompute" in md
+    for png in ("speedup.png", "roofline.png", "recompute.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_rejects_bad_arguments():
+    with pytest.raises(SystemExit):
+        main(["--quick", "--tiny"])
+    with pytest.raises(SystemExit):
+        main(["--tiny", "--device", "mps", "--no-progress"])
+
+
+def test_regroup_matches_loader_of_that_batch_size():
+    batches = [torch.full((3, 1), float(i)) for i in range(5)]  # 15 samples
+    groups = recompute._regroup(batches, 4)
+    assert [len(g) for g in groups] == [4, 4, 4, 3]
+    assert torch.equal(torch.cat(groups), torch.cat(batches))
+    assert recompute._regroup(batches, None) is batches
+
+
+def test_input_bn_model_sees_raw_inputs():
+    model = recompute._input_bn_cnn(4)
+    assert isinstance(model[0], nn.BatchNorm2d) and model[0].num_features == 3
+
+
+def test_pass_fns_rotate_inputs_and_compute_the_right_gradients():
+    case = batchnorm.Case((4, 3, 5, 5), torch.float32, False)
+    sets = batchnorm._inputs(case, CPU, copies=3)
+    assert all(x.mean() > 3.0 for x, _ in sets)  # shifted data, never zeros
+    fast, stock = batchnorm._modules(3, CPU)
+    fwd = batchnorm._pass_fn(fast, "forward", "train", sets)
+    outs = [fwd() for _ in range(4)]
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[3])
+    fb = batchnorm._pass_fn(fast, "forward_backward", "train", sets)
+    ref = batchnorm._pass_fn(stock, "forward_backward", "train", sets)
+    for got, want in zip(fb(), ref()):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    ev = batchnorm._pass_fn(fast, "forward", "eval", sets)
+    assert not fast.training and not ev().requires_grad
+    with pytest.raises(ValueError, match="one input set"):
+        batchnorm._pass_fn(fast, "backward", "train", sets)
+
+
+def test_run_case_reports_failures_without_losing_the_other_rows(monkeypatch):
+    case = batchnorm.Case((4, 8, 3, 3), torch.float32, False,
+                          {"train": ("stats", "forward"), "eval": ("forward",)})
+    # a broken baseline: only its rows go missing, the failure is reported
+    monkeypatch.setattr(batchnorm, "_stats_fns", lambda x: {"broken": lambda: 1 / 0})
+    errors = []
+    recs = batchnorm.run_case(case, CPU, None, dict(min_run_time=0.01), errors)
+    assert [(r["pass"], r["mode"]) for r in recs] == [("forward", "train"), ("forward", "eval")]
+    assert len(errors) == 1 and "ZeroDivisionError" in errors[0][1]
+    assert all(r["pct_copy"] is None for r in recs)  # no copy bandwidth, no percentage
+
+
+def test_targets_are_judged_from_records():
+    recs = []
+    for s, base in ((2.0, "torch-eager"), (1.2, "torch-eager"), (0.9, "torch-eager"),
+                    (1.3, "torch-compile")):
+        r = _record()
+        r.update({"pass": "forward_backward", "baseline": base, "speedup": s})
+        recs.append(r)
+    stats = _record((64, 64, 64, 64))  # 64 Mi values, fp32: above the 64 MB threshold
+    stats.update({"pass": "stats", "baseline": "torch-var_mean", "pct_copy": 95.0})
+    recs.append(stats)
+    recs.append({"bench": "recompute", "model": "resnet50", "impl": "fastpbn",
+                 "baseline": "fvcore", "speedup": 1.4})
+    got = {t["target"]: (t["measured"], t["met"]) for t in report.targets(recs)}
+    assert got["fwd+bwd vs stock eager, median"] == (1.2, False)
+    assert got["fwd+bwd vs stock eager, worst"] == (0.9, False)
+    assert got["fwd+bwd vs torch.compile, median"] == (1.3, True)
+    assert got["stats on >= 64 MB, worst % of copy BW"] == (95.0, True)
+    assert got["recompute ResNet-50 vs fvcore"] == (1.4, False)
+    assert got["recompute small CNN + CUDA graphs vs fvcore"] == (None, None)
