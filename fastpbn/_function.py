@@ -39,6 +39,12 @@ def batch_norm_train(
     acc_mean: Optional[Tensor],
     acc_m2: Optional[Tensor],
 ) -> tuple[Tensor, Tensor, Tensor]:
+    return _train_impl(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                       momentum, eps, acc_count, acc_mean, acc_m2)
+
+
+def _train_impl(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                acc_count, acc_mean, acc_m2):
     acc = (acc_count, acc_mean, acc_m2) if acc_count is not None else None
     return get_backend(x).forward_train(
         x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, acc
@@ -64,6 +70,10 @@ def batch_norm_eval(
     running_var: Tensor,
     eps: float,
 ) -> Tensor:
+    return _eval_impl(x, weight, bias, running_mean, running_var, eps)
+
+
+def _eval_impl(x, weight, bias, running_mean, running_var, eps):
     return get_backend(x).forward_eval(x, weight, bias, running_mean, running_var, eps)
 
 
@@ -82,9 +92,7 @@ def batch_norm_backward(
     training: bool,
     output_mask: list[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
-    dx, dw, db = get_backend(x).backward(
-        grad_out, x, weight, mean, invstd, training, tuple(output_mask)
-    )
+    dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, output_mask)
     # custom ops cannot return None: unrequested gradients come back as empty tensors
     empty = x.new_empty(0)
     return (
@@ -92,6 +100,10 @@ def batch_norm_backward(
         dw if dw is not None else empty.clone(),
         db if db is not None else empty.clone(),
     )
+
+
+def _backward_impl(grad_out, x, weight, mean, invstd, training, output_mask):
+    return get_backend(x).backward(grad_out, x, weight, mean, invstd, training, tuple(output_mask))
 
 
 @batch_norm_backward.register_fake
@@ -106,7 +118,10 @@ def _(grad_out, x, weight, mean, invstd, training, output_mask):
 def _grads(ctx, grad_out, x, weight, mean, invstd, training):
     mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
             ctx.needs_input_grad[2]]
-    dx, dw, db = batch_norm_backward(grad_out, x, weight, mean, invstd, training, mask)
+    if torch.compiler.is_compiling():
+        dx, dw, db = batch_norm_backward(grad_out, x, weight, mean, invstd, training, mask)
+    else:
+        dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, mask)
     return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
 
 
@@ -117,7 +132,10 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 momentum, eps, acc_count, acc_mean, acc_m2):
-        y, mean, invstd = batch_norm_train(
+        # eager calls skip the custom-op dispatcher (tens of microseconds a call); graphs
+        # being compiled need the op and its fake implementation
+        op = batch_norm_train if torch.compiler.is_compiling() else _train_impl
+        y, mean, invstd = op(
             x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             acc_count, acc_mean, acc_m2,
         )
@@ -138,7 +156,8 @@ class BatchNormEval(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps):
         ctx.save_for_backward(x, weight, running_mean, running_var)
         ctx.eps = eps
-        return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+        op = batch_norm_eval if torch.compiler.is_compiling() else _eval_impl
+        return op(x, weight, bias, running_mean, running_var, eps)
 
     @staticmethod
     def backward(ctx, grad_y):

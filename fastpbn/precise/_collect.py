@@ -10,6 +10,7 @@ every buffer as it was, and restoring the model is resetting a few attributes.
 
 from __future__ import annotations
 
+import types
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -22,6 +23,9 @@ from ..modules import FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d
 from ..stats import WelfordState
 
 FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
+# stock layers that borrow FastPreciseBN's forward for the pass: one statistics pass then serves
+# both their normalization and the accumulator (a hook would read every activation twice)
+BORROW_TYPES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
 LayerSelection = Union[None, Sequence[nn.Module], nn.Module, Callable[[str, nn.Module], bool]]
 _MISSING = object()
 
@@ -177,7 +181,10 @@ class PassState:
         self.tracking = [(m, m.track_running_stats) for _, m in layers]
         self.accumulators = [
             (m, m.__dict__.get("accumulator", _MISSING)) for _, m in layers
-            if isinstance(m, FAST_TYPES)
+            if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
+        ]
+        self.borrowed = [
+            (m, m.__dict__.get("forward", _MISSING)) for _, m in layers if type(m) in BORROW_TYPES
         ]
         self.buffers = [(b, b.clone()) for _, m in layers for b in m.buffers(recurse=False)]
         self.handles: list = []
@@ -195,8 +202,10 @@ class PassState:
 
     def install(self, accs: list[LayerAccumulator], tracker: CallTracker) -> None:
         """Route every selected layer's batches into its accumulator."""
+        for m, _ in self.borrowed:
+            m.forward = types.MethodType(FastPreciseBN2d.forward, m)
         for i, ((name, m), acc) in enumerate(zip(self.layers, accs)):
-            fast = isinstance(m, FAST_TYPES)
+            fast = isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
             if fast:
                 m.accumulator = acc.target
             self.handles.append(m.register_forward_pre_hook(
@@ -220,6 +229,11 @@ class PassState:
         for h in self.handles:
             h.remove()
         self.handles = []
+        for m, forward in self.borrowed:
+            if forward is _MISSING:
+                m.__dict__.pop("forward", None)
+            else:
+                m.forward = forward
         for m, flag in self.flags:
             m.training = flag
         for m, flag in self.tracking:
