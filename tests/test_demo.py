@@ -21,11 +21,12 @@ SMALLCNN_BN_LAYERS = ["features.1", "features.4", "features.8"]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    threads = torch.get_num_threads()
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         rc = main(["--quick", "--out", str(out), "--no-progress"])
-    assert torch.get_num_threads() == threads  # the caller's thread setting is restored
+    # the caller's thread setting and random state are restored
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     return rc, out, json.loads((out / "results.json").read_text()), stdout.getvalue()
 
 

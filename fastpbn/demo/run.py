@@ -146,10 +146,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(args.out, exist_ok=True)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    gpus = [torch.cuda.current_device()] if cfg.device == "cuda" else []
     try:
-        return _run(cfg, split, args.out, argv)
+        # a caller in the same process keeps its thread setting and random state
+        with torch.random.fork_rng(devices=gpus):
+            return _run(cfg, split, args.out, argv)
     finally:
-        torch.set_num_threads(threads)  # a caller in the same process keeps its setting
+        torch.set_num_threads(threads)
 
 
 def _run(cfg: Config, split: demo_data.Split, out: str, argv: Optional[list[str]]) -> int:
