@@ -1,0 +1,530 @@
+"""The Triton kernels (fastpbn.kernels) against the float64 reference and stock PyTorch.
+
+On CPU they run through Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1); on a
+CUDA machine the same tests run compiled, plus the `gpu` tests on the benchmark shapes. A
+low-precision (or fp32) result passes when its error against float64 is at most twice PyTorch's
+own same-dtype error plus a small floor relative to the values' magnitude.
+"""
+
+import math
+
+import pytest
+import torch
+
+from fastpbn.reference import batch_norm_reference, batch_stats_reference
+
+from .conftest import DEVICE
+
+pytest.importorskip("triton")
+from fastpbn.kernels import layout  # noqa: E402
+from fastpbn.kernels.backward import k3_k4_backward  # noqa: E402
+from fastpbn.kernels.normalize import k2_normalize  # noqa: E402
+from fastpbn.kernels.stats import k1_stats  # noqa: E402
+
+from fastpbn import kernels as K  # noqa: E402
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+NAN = float("nan")
+
+
+def shifted(shape, dtype=torch.float32):
+    """Per-channel mean in [1e3, 1e4], std in [1, 3]: far from zero, where wrong formulas
+    break. Fresh random values on every call."""
+    c = shape[1]
+    view = (1, c, *([1] * (len(shape) - 2)))
+    mean = torch.empty(c, device=DEVICE).uniform_(1e3, 1e4).view(view)
+    std = torch.empty(c, device=DEVICE).uniform_(1.0, 3.0).view(view)
+    return (torch.randn(shape, device=DEVICE) * std + mean).to(dtype)
+
+
+# name -> (full shape, view of it). Each names the edge it covers.
+LAYOUTS = {
+    "nchw": ((4, 6, 5, 7), lambda t: t),
+    "channels_last": ((4, 6, 5, 7), lambda t: t.to(memory_format=torch.channels_last)),
+    "1d_nc": ((37, 5), lambda t: t),  # BatchNorm1d on (N, C): channels contiguous
+    "1d_ncl": ((5, 3, 11), lambda t: t),
+    "3d": ((2, 3, 4, 3, 5), lambda t: t),
+    "3d_channels_last": ((2, 3, 4, 3, 5), lambda t: t.to(memory_format=torch.channels_last_3d)),
+    "sliced_channels": ((4, 8, 5, 6), lambda t: t[:, 1::2]),  # strided channels, one view
+    "transposed": ((3, 4, 5, 6), lambda t: t.transpose(2, 3)),  # permuted spatial dims
+    "cropped": ((4, 3, 6, 8), lambda t: t[..., 1:7]),  # no common view: copied first
+}
+
+
+def make_x(name, dtype=torch.float32):
+    shape, view = LAYOUTS[name]
+    return view(shifted(shape, dtype))
+
+
+def params(c, dtype=torch.float32):
+    w = torch.empty(c, device=DEVICE).uniform_(0.5, 1.5).to(dtype)
+    b = torch.empty(c, device=DEVICE).uniform_(-1.0, 1.0).to(dtype)
+    rm = torch.empty(c, device=DEVICE).uniform_(1e3, 1e4)
+    rv = torch.empty(c, device=DEVICE).uniform_(1.0, 9.0)
+    return w, b, rm, rv
+
+
+def check(what, ours, stock, ref, dtype, scale=None):
+    """Error of ours vs float64 at most 2x stock's own error + a floor relative to the size
+    of the values (``scale``, by default max |ref|)."""
+    assert ours.shape == ref.shape, what
+    ref = ref.double()
+    e_ours = (ours.double() - ref).abs().max().item()
+    e_stock = (stock.double() - ref).abs().max().item()
+    scale = ref.abs().max().item() if scale is None else scale
+    floor = FLOOR[dtype] * max(scale, 1e-3)
+    assert e_ours <= 2 * e_stock + floor, f"{what}: error {e_ours:.3g}, stock {e_stock:.3g}"
+
+
+def dx_scale(w, invstd, g):
+    """Size of the terms of dx = w·invstd·(dy - ...): dx itself can cancel to ~0 (with two
+    values per channel it is exactly 0), its rounding noise cannot."""
+    w = torch.ones_like(invstd) if w is None else w
+    return (w.double().abs() * invstd.double().abs()).max().item() * g.abs().max().item()
+
+
+def ref_forward(x, w, b, rm, rv, training, momentum, eps):
+    y, new_rm, new_rv = batch_norm_reference(x, rm, rv, w, b, training, momentum, eps)
+    mean, var, _ = batch_stats_reference(x)
+    return y, mean, 1 / torch.sqrt(var + eps), new_rm, new_rv
+
+
+@pytest.fixture(autouse=True)
+def poisoned_workspace():
+    """Kernels must never rely on the scratch buffer's contents."""
+    ws, _ = layout.workspace(torch.device(DEVICE), 1 << 16, 1024)
+    ws.fill_(NAN)
+
+
+def test_layout_views():
+    """Which layouts are read in place, and how."""
+    x = torch.empty(4, 6, 5, 7)
+    assert layout.split_dims([x]) == (4, 35, [(210, 35, 1)])  # NCHW: (N, C, HW)
+    cl = x.to(memory_format=torch.channels_last)
+    assert layout.split_dims([cl]) == (1, 140, [(0, 1, 6)])  # channels_last: (1, C, NHW)
+    assert layout.split_dims([torch.empty(9, 3)]) == (1, 9, [(0, 1, 3)])
+    assert layout.split_dims([x.transpose(2, 3)])[:2] == (4, 35)
+    g = torch.ones(()).expand(4, 6, 5, 7)  # stride-0 gradient joins any view
+    assert layout.split_dims([cl, g]) == (1, 140, [(0, 1, 6), (0, 0, 0)])
+    assert layout.split_dims([x[..., 1:6]]) is None
+    assert layout.split_dims([x, cl]) == (4, 35, [(210, 35, 1), (210, 1, 6)])  # both (N, C, HW)
+    p = layout.plan([cl])
+    assert (p.block_c, p.idx64) == (8, False) and p.block_r * p.block_c <= layout.TILE
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_forward_train(name, dtype):
+    x = make_x(name, dtype)
+    c = x.shape[1]
+    w, b, rm, rv = params(c)
+    for momentum, nbt in ((0.3, None), (None, torch.tensor(3, device=DEVICE))):
+        rm_o, rv_o, rm_s, rv_s = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+        factor = momentum if momentum is not None else 1 / 3
+        y, mean, invstd = K.forward_train(x, w, b, rm_o, rv_o, nbt, momentum, 1e-5, None)
+        ys, means, invstds = torch.ops.aten.native_batch_norm(
+            x, w, b, rm_s, rv_s, True, factor, 1e-5
+        )
+        yr, meanr, invstdr, rmr, rvr = ref_forward(x, w, b, rm, rv, True, factor, 1e-5)
+        assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+        assert mean.dtype == invstd.dtype == torch.float32
+        check("y", y, ys, yr, dtype)
+        check("save_mean", mean, means, meanr, dtype)
+        check("save_invstd", invstd, invstds, invstdr, dtype)
+        check("running_mean", rm_o, rm_s, rmr, dtype)
+        check("running_var", rv_o, rv_s, rvr, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["nchw", "channels_last", "1d_nc", "3d", "cropped"])
+def test_forward_eval(name, dtype):
+    x = make_x(name, dtype)
+    w, b, _, rv = params(x.shape[1], dtype)  # parameters in the input's dtype
+    rm = x.double().mean([0, *range(2, x.dim())]).float() + 0.5  # running stats near the data
+    y = K.forward_eval(x, w, b, rm, rv, 1e-3)
+    ys = torch.ops.aten.native_batch_norm(x, w.float(), b.float(), rm, rv, False, 0.0, 1e-3)[0]
+    yr = batch_norm_reference(x, rm, rv, w, b, False, 0.0, 1e-3)[0]
+    assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+    check("eval y", y, ys, yr, dtype)
+    y = K.forward_eval(x, None, None, rm, rv, 1e-3)
+    yr = batch_norm_reference(x, rm, rv, None, None, False, 0.0, 1e-3)[0]
+    ys = torch.ops.aten.native_batch_norm(x, None, None, rm, rv, False, 0.0, 1e-3)[0]
+    check("eval y, no affine", y, ys, yr, dtype)
+
+
+def grads_reference(x, w, b, stats, training, g):
+    """float64 (dx, dw, db) of sum(y * g) and the statistics the forward saved."""
+    xr = x.detach().double().requires_grad_()
+    wr = w.detach().double().requires_grad_()
+    br = b.detach().double().requires_grad_()
+    rm, rv = stats if stats is not None else (None, None)
+    yr = batch_norm_reference(xr, rm, rv, wr, br, training, 0.0, 1e-5)[0]
+    (yr * g.double()).sum().backward()
+    return xr.grad, wr.grad, br.grad
+
+
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_backward(name, dtype, training):
+    if dtype != torch.float32 and name not in ("nchw", "channels_last", "1d_nc"):
+        pytest.skip("low precision on the three main layouts only (CPU time)")
+    x = make_x(name, dtype)
+    c = x.shape[1]
+    w, b, rm, rv = params(c)
+    if training:
+        _, mean, invstd = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
+    else:
+        mean, invstd = rm, torch.rsqrt(rv + 1e-5)
+    g = torch.randn_like(x) * 2 + 1  # a non-zero mean gradient
+    ones = torch.ones((), device=DEVICE, dtype=dtype).expand_as(x)  # d(y.sum()): stride 0
+    for grad, mask in ((g, (True, True, True)), (ones, (True, False, True)),
+                       (g, (False, True, False)), (g, (True, False, False))):
+        dx, dw, db = K.backward(grad, x, w, mean, invstd, training, mask)
+        stock = torch.ops.aten.native_batch_norm_backward(
+            grad, x, w, rm, rv, mean if training else None, invstd if training else None,
+            training, 1e-5, list(mask),
+        ) if training else _stock_eval_backward(grad, x, w, rm, rv)
+        ref = grads_reference(x, w, b, None if training else (rm, rv), training, grad)
+        for name_, ours, st, r, want in zip(("dx", "dw", "db"), (dx, dw, db), stock, ref, mask):
+            if not want:
+                assert ours is None, name_
+                continue
+            assert ours.dtype == (dtype if name_ == "dx" else w.dtype), name_
+            if name_ == "dx":
+                assert ours.stride() == torch.empty_like(x).stride()
+            scale = dx_scale(w, invstd, grad) if name_ == "dx" else None
+            check(f"{name_} mask={mask}", ours, st, r, dtype, scale)
+
+
+def _stock_eval_backward(grad, x, w, rm, rv):
+    """Stock PyTorch's eval-mode gradients, in the input's dtype (autograd through F)."""
+    xs = x.detach().clone().requires_grad_()
+    ws = w.detach().clone().requires_grad_()
+    bs = torch.zeros_like(w, requires_grad=True)
+    y = torch.nn.functional.batch_norm(xs, rm, rv, ws, bs, False, 0.0, 1e-5)
+    y.backward(grad)
+    return xs.grad, ws.grad, bs.grad
+
+
+def test_backward_without_weight():
+    x = make_x("nchw")
+    _, mean, invstd = torch.ops.aten.native_batch_norm(x, None, None, None, None, True, 0.0, 1e-5)
+    g = torch.randn_like(x)
+    dx, dw, db = K.backward(g, x, None, mean, invstd, True, (True, False, True))
+    sdx, _, sdb = torch.ops.aten.native_batch_norm_backward(
+        g, x, None, None, None, mean, invstd, True, 1e-5, [True, False, True]
+    )
+    xr = x.double().requires_grad_()
+    (batch_norm_reference(xr, None, None, None, None, True)[0] * g.double()).sum().backward()
+    assert dw is None and db.dtype == torch.float32
+    check("dx, no weight", dx, sdx, xr.grad, torch.float32, dx_scale(None, invstd, g))
+    check("db, no weight", db, sdb, g.double().sum((0, 2, 3)), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["nchw", "channels_last", "1d_nc", "1d_ncl", "3d", "cropped"])
+def test_batch_stats(name, dtype):
+    x = make_x(name, dtype)
+    mean, var, n = K.batch_stats(x)
+    rmean, rvar, rn = batch_stats_reference(x)
+    svar, smean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+    assert n == rn and mean.dtype == var.dtype == torch.float32
+    check("mean", mean, smean, rmean, dtype)
+    check("var", var, svar, rvar, dtype)
+
+
+def test_batch_stats_precision_far_from_zero():
+    """|mean|/std = 3e4, where E[x²] - E[x]² goes negative in float32: full precision."""
+    x = torch.randn(64, 4, 16, 16, device=DEVICE) + 3e4
+    mean, var, _ = K.batch_stats(x)
+    rmean, rvar, _ = batch_stats_reference(x)
+    ulp = 3e4 * 2.0**-23
+    assert (mean.double() - rmean).abs().max() <= 2 * ulp
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=0)
+
+
+def test_welford_update_many_uneven_batches():
+    """Accumulating batches of different sizes and layouts equals the float64 statistics of all
+    the data at once; forward_train's accumulator merges the same way."""
+    c = 5
+    count, mean, m2 = (torch.zeros(c, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    acc = tuple(torch.zeros(c, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    seen = []
+    for i, n in enumerate((1, 7, 2, 33, 5, 12, 3, 64, 9)):
+        x = shifted((n, c, 3, 4))
+        x = x + 0.5 * i  # drifting batch means: the spread of means matters
+        if i % 3 == 1:
+            x = x.to(memory_format=torch.channels_last)
+        seen.append(x)
+        K.welford_update(x, count, mean, m2)
+        if n * 12 > 1:
+            K.forward_train(x, None, None, None, None, None, 0.1, 1e-5, acc)
+    every = torch.cat([t.double() for t in seen])
+    rmean, rvar, rn = batch_stats_reference(every)
+    assert torch.equal(count, torch.full_like(count, float(rn)))
+    assert torch.equal(acc[0], count)
+    for m, s in ((mean, m2), (acc[1], acc[2])):
+        torch.testing.assert_close(m, rmean, rtol=1e-7, atol=0)
+        torch.testing.assert_close(s / rn, rvar, rtol=1e-5, atol=0)
+
+
+def test_determinism_bitwise(monkeypatch):
+    """Fixed split order: two runs give identical bits (with many splits and tiles)."""
+    monkeypatch.setattr(layout, "TILE", 64)
+    monkeypatch.setattr(layout, "CPU_PROGRAMS", 6)
+    x = make_x("nchw")
+    w, b, rm, rv = params(x.shape[1])
+    g = torch.randn_like(x)
+    runs = []
+    for _ in range(2):
+        y, mean, invstd = K.forward_train(x, w, b, rm.clone(), rv.clone(), None, 0.1, 1e-5, None)
+        runs.append((y, mean, invstd, *K.backward(g, x, w, mean, invstd, True, (True,) * 3)))
+    for a, b_ in zip(*runs):
+        assert torch.equal(a, b_)
+
+
+@pytest.mark.parametrize("name", ["nchw", "channels_last", "1d_ncl", "3d"])
+def test_small_tiles_many_splits(monkeypatch, name):
+    """Tiny tiles, several channel blocks, many splits with uneven tile counts, int64 offsets:
+    every merge path and mask edge, compared with the reference."""
+    monkeypatch.setattr(layout, "TILE", 16)
+    monkeypatch.setattr(layout, "MAX_BLOCK_C", 4)
+    monkeypatch.setattr(layout, "CPU_PROGRAMS", 7)
+    monkeypatch.setattr(layout, "IDX64_AT", 1)
+    x = make_x(name)
+    p = layout.plan([x])
+    assert p.idx64 and layout.num_splits(p, x.device)[0] > 1
+    w, b, rm, rv = params(x.shape[1])
+    rm_o, rv_o = rm.clone(), rv.clone()
+    y, mean, invstd = K.forward_train(x, w, b, rm_o, rv_o, None, 0.1, 1e-5, None)
+    ys, means, invstds = torch.ops.aten.native_batch_norm(
+        x, w, b, rm.clone(), rv.clone(), True, 0.1, 1e-5
+    )
+    yr, meanr, invstdr, rmr, _ = ref_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    check("y", y, ys, yr, torch.float32)
+    check("mean", mean, means, meanr, torch.float32)
+    check("invstd", invstd, invstds, invstdr, torch.float32)
+    check("running_mean", rm_o, rm_o, rmr, torch.float32)
+    g = torch.randn_like(x) + 1
+    dx, dw, db = K.backward(g, x, w, mean, invstd, True, (True, True, True))
+    sdx, sdw, sdb = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, None, None, mean, invstd, True, 1e-5, [True] * 3
+    )
+    rdx, rdw, rdb = grads_reference(x, w, b, None, True, g)
+    check("dx", dx, sdx, rdx, torch.float32, dx_scale(w, invstd, g))
+    check("dw", dw, sdw, rdw, torch.float32)
+    check("db", db, sdb, rdb, torch.float32)
+
+
+@pytest.mark.parametrize("name", ["nchw", "channels_last", "1d_nc"])
+def test_launchers_overwrite_poisoned_outputs(name):
+    """Every output element (odd sizes: masked tile edges) is written by the kernels."""
+    x = make_x(name)
+    c = x.shape[1]
+    w, b, _, _ = params(c)
+    y = torch.full_like(x, NAN)
+    mean, invstd, var = (torch.full((c,), NAN, device=DEVICE) for _ in range(3))
+    p = layout.plan([x, y])
+    k1_stats(x, p, mean=mean, invstd=invstd, var=var, eps=1e-5)
+    k2_normalize(x, y, p, mean, invstd, w, b)
+    dx = torch.full_like(x, NAN)
+    dw, db = torch.full((c,), NAN, device=DEVICE), torch.full((c,), NAN, device=DEVICE)
+    g = torch.randn_like(x)
+    k3_k4_backward(g, x, dx, layout.plan([x, g, dx]), w, mean, invstd, True, dw, db)
+    for t in (y, mean, invstd, var, dx, dw, db):
+        assert torch.isfinite(t).all()
+    rmean, rvar, _ = batch_stats_reference(x)
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=0)
+    torch.testing.assert_close(invstd.double(), 1 / torch.sqrt(rvar + 1e-5), rtol=1e-5, atol=0)
+
+
+def test_bad_input_errors():
+    x = make_x("nchw")
+    with pytest.raises(ValueError, match="running_mean and running_var"):
+        K.forward_train(x, None, None, torch.zeros(6), None, None, 0.1, 1e-5, None)
+    empty = torch.empty(0, 6, 3, 3, device=DEVICE)
+    with pytest.raises(ValueError, match="batch_stats: x has no values"):
+        K.batch_stats(empty)
+    assert K.forward_eval(empty, None, None, torch.zeros(6), torch.ones(6), 1e-5).shape == (
+        0, 6, 3, 3
+    )
+    dx, dw, db = K.backward(empty, empty, torch.ones(6), torch.zeros(6), torch.ones(6), True,
+                            (True, True, True))
+    assert dx.shape == empty.shape and torch.equal(dw, torch.zeros(6)) and torch.equal(db, dw)
+
+
+def test_module_on_triton_backend():
+    """The autograd path (custom ops) through the triton backend, momentum=None."""
+    import fastpbn
+
+    fastpbn.set_backend("triton")
+    ours = fastpbn.FastPreciseBN2d(6, momentum=None).to(DEVICE)
+    stock = torch.nn.BatchNorm2d(6, momentum=None).to(DEVICE)
+    for _ in range(3):
+        x = make_x("channels_last")
+        xs, xo = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn_like(x) + 1
+        ys, yo = stock(xs), ours(xo)
+        (ys * g).sum().backward()
+        (yo * g).sum().backward()
+        assert yo.is_contiguous(memory_format=torch.channels_last)
+        w = stock.weight.detach()
+        rdx, rdw, rdb = grads_reference(x, w, stock.bias.detach(), None, True, g)
+        yr = batch_norm_reference(x, None, None, w, stock.bias.detach(), True)[0]
+        check("y", yo, ys, yr, torch.float32)
+        invstd = torch.rsqrt(x.double().var((0, 2, 3), unbiased=False) + 1e-5)
+        check("dx", xo.grad, xs.grad, rdx, torch.float32, dx_scale(w, invstd, g))
+        check("dw", ours.weight.grad, stock.weight.grad, rdw, torch.float32)
+        check("db", ours.bias.grad, stock.bias.grad, rdb, torch.float32)
+        ours.zero_grad(), stock.zero_grad()
+    assert torch.equal(ours.num_batches_tracked, stock.num_batches_tracked)
+    torch.testing.assert_close(ours.running_mean, stock.running_mean, rtol=1e-6, atol=0)
+    torch.testing.assert_close(ours.running_var, stock.running_var, rtol=1e-4, atol=1e-5)
+
+
+hypothesis = pytest.importorskip("hypothesis")
+st = hypothesis.strategies
+
+
+@hypothesis.settings(max_examples=12, deadline=None, derandomize=True)
+@hypothesis.given(
+    shape=st.lists(st.integers(1, 5), min_size=2, max_size=5),
+    perm_seed=st.integers(0, 1000),
+    step=st.integers(1, 2),
+    training=st.booleans(),
+)
+def test_random_shapes_and_strides(shape, perm_seed, step, training):
+    """Random small shapes, dense layouts in any dim order, strided slices; train and eval
+    forward and backward against the reference."""
+    shape = list(shape)
+    if training and math.prod(shape) // shape[1] < 2:
+        shape[0] += 1  # training needs two values per channel
+    torch.manual_seed(perm_seed)  # reproducible examples
+    perm = torch.randperm(len(shape)).tolist()
+    full = [s * step if i == len(shape) - 1 else s for i, s in enumerate(shape)]
+    base = shifted([full[i] for i in perm]).permute([perm.index(i) for i in range(len(perm))])
+    x = base[..., ::step]
+    assert list(x.shape) == shape
+    c = shape[1]
+    w, b, rm, rv = params(c)
+    g = torch.randn_like(x) + 1
+    if training:
+        y, mean, invstd = K.forward_train(x, w, b, None, None, None, 0.1, 1e-5, None)
+        ys, mean_s, invstd_s = torch.ops.aten.native_batch_norm(
+            x, w, b, None, None, True, 0.0, 1e-5
+        )
+        check("invstd", invstd, invstd_s, ref_forward(x, w, b, rm, rv, True, 0.1, 1e-5)[2],
+              torch.float32)
+        stock = torch.ops.aten.native_batch_norm_backward(
+            g, x, w, None, None, mean, invstd, True, 1e-5, [True] * 3
+        )
+    else:
+        y = K.forward_eval(x, w, b, rm, rv, 1e-5)
+        ys = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, False, 0.0, 1e-5)[0]
+        mean, invstd = rm, torch.rsqrt(rv + 1e-5)
+        stock = _stock_eval_backward(g, x, w, rm, rv)
+    yr = batch_norm_reference(x, rm, rv, w, b, training, 0.1, 1e-5)[0]
+    check("y", y, ys, yr, torch.float32)
+    grads = K.backward(g, x, w, mean, invstd, training, (True, True, True))
+    ref = grads_reference(x, w, b, None if training else (rm, rv), training, g)
+    for what, ours, st_, r in zip(("dx", "dw", "db"), grads, stock, ref):
+        scale = dx_scale(w, invstd, g) if what == "dx" else None
+        check(what, ours, st_, r, torch.float32, scale)
+
+
+# --- GPU: compiled kernels on the benchmark shapes (BENCH.md) -------------------------------
+
+BENCH_SHAPES = [
+    (32, 64, 112, 112),
+    (32, 256, 56, 56),
+    (32, 512, 28, 28),
+    (32, 1024, 14, 14),
+    (32, 2048, 7, 7),
+    (20, 6, 256, 256),  # few channels
+    (1, 3, 1024, 1024),  # one sample, huge spatial
+    (4096, 32, 1, 1),  # BatchNorm1d-like
+    (17, 33, 13, 11),  # odd sizes
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", BENCH_SHAPES)
+def test_gpu_bench_shapes(shape, dtype, channels_last):
+    x = shifted(shape, dtype)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    c = shape[1]
+    w, b, rm, rv = params(c)
+    rm_o, rv_o, rm_s, rv_s = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    y, mean, invstd = K.forward_train(x, w, b, rm_o, rv_o, None, 0.1, 1e-5, None)
+    ys, means, invstds = torch.ops.aten.native_batch_norm(x, w, b, rm_s, rv_s, True, 0.1, 1e-5)
+    yr, meanr, invstdr, rmr, rvr = ref_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    assert y.stride() == x.stride()
+    check("y", y, ys, yr, dtype)
+    check("mean", mean, means, meanr, dtype)
+    check("invstd", invstd, invstds, invstdr, dtype)
+    check("running_mean", rm_o, rm_s, rmr, dtype)
+    check("running_var", rv_o, rv_s, rvr, dtype)
+    g = torch.randn_like(x)
+    dx, dw, db = K.backward(g, x, w, mean, invstd, True, (True, True, True))
+    stock = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, None, None, means, invstds, True, 1e-5, [True] * 3
+    )
+    ref = grads_reference(x, w, b, None, True, g)
+    for what, ours, st_, r in zip(("dx", "dw", "db"), (dx, dw, db), stock, ref):
+        check(what, ours, st_, r, dtype, dx_scale(w, invstd, g) if what == "dx" else None)
+    again = K.forward_train(x, w, b, None, None, None, 0.1, 1e-5, None)
+    assert torch.equal(again[0], y) and torch.equal(again[1], mean)  # deterministic
+    assert torch.equal(K.backward(g, x, w, mean, invstd, True, (True,) * 3)[1], dw)
+
+
+@pytest.mark.gpu
+def test_gpu_welford_and_eval_on_bench_shape():
+    c = 256
+    count, mean, m2 = (torch.zeros(c, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    batches = [shifted((n, c, 28, 28)).to(memory_format=torch.channels_last) for n in (3, 32, 7)]
+    for x in batches:
+        K.welford_update(x, count, mean, m2)
+    rmean, rvar, rn = batch_stats_reference(torch.cat([x.double() for x in batches]))
+    assert torch.equal(count, torch.full_like(count, float(rn)))
+    torch.testing.assert_close(mean, rmean, rtol=1e-7, atol=0)
+    torch.testing.assert_close(m2 / rn, rvar, rtol=1e-5, atol=0)
+    x = batches[1]
+    w, b, _, rv = params(c)
+    rm = rmean.float()
+    y = K.forward_eval(x, w, b, rm, rv, 1e-5)
+    ys = torch.ops.aten.native_batch_norm(x, w, b, rm, rv, False, 0.0, 1e-5)[0]
+    check("eval y", y, ys, batch_norm_reference(x, rm, rv, w, b, False, 0.0, 1e-5)[0],
+          torch.float32)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """More than 2^31 elements: int64 offsets (fp16, about 4.3 GB)."""
+    if torch.cuda.get_device_properties(0).total_memory < 40e9:
+        pytest.skip("needs about 30 GB of GPU memory")
+    x = torch.empty(64, 8, 2048, 2049, device=DEVICE, dtype=torch.float16)
+    x.normal_(0, 1).add_(100)
+    x[-1, :, -1, -1] = 200.0  # the last elements must be seen
+    p = layout.plan([x])
+    assert p.idx64
+    mean, var, n = K.batch_stats(x)
+    var_s, mean_s = _var_mean_chunked(x)
+    assert n == x.numel() // 8
+    torch.testing.assert_close(mean.double(), mean_s, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), var_s, rtol=1e-4, atol=0)
+
+
+def _var_mean_chunked(x):
+    """float64 per-channel (var, mean) of a huge tensor, one channel at a time."""
+    means, vars_ = [], []
+    for c in range(x.shape[1]):
+        xc = x[:, c].double()
+        means.append(xc.mean())
+        vars_.append(((xc - means[-1]) ** 2).mean())
+        del xc
+    return torch.stack(vars_), torch.stack(means)
