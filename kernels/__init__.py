@@ -6,7 +6,7 @@ arithmetic lives in four kernels:
 * K1 ``stats.py`` — split per-channel statistics; its last program also writes the saved
   statistics, updates running stats and merges into a float64 accumulator (one launch);
 * K2 ``normalize.py`` — y = (x - mean)·w·invstd + b (centred on x[0, c, 0] in training);
-* K3 / K4 ``backward.py`` — gradient sums (dγ, dβ, dx coefficients), then dx.
+* K3 / K4 ``gradients.py`` — gradient sums (dγ, dβ, dx coefficients), then dx.
 
 Tensors are read by their strides (NCHW, channels_last, 1d, 3d, most sliced or transposed views,
 stride-0 gradients). A layout whose non-channel dims cannot be viewed as one (N', S') pair for
@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backward import k3_k4_backward
+from .gradients import k3_k4_backward
 from .layout import plan
 from .normalize import k2_normalize
 from .stats import k1_stats

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from dataclasses import dataclass
 from typing import Optional
 
@@ -22,8 +21,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-TILE = 4096  # elements per tile: 32 fp32 registers per thread at 4 warps
+TILE = 4096  # elements per tile: 32 fp32 registers per thread at NUM_WARPS = 4
+NUM_WARPS = 4
 MAX_BLOCK_C = 128  # channels per tile when channels are the contiguous axis
 CPU_PROGRAMS = 3  # interpreter: programs run one after another, a few splits suffice
 IDX64_AT = 2**31  # int64 offsets once a tensor spans this many elements
@@ -171,10 +170,6 @@ def on_device(x: Tensor):
     if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
         return torch.cuda.device(x.device)
     return contextlib.nullcontext()
-
-
-def warps(p: Plan) -> int:
-    return 4 if p.block_r * p.block_c <= TILE else 8
 
 
 @triton.jit

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import Plan, offsets, on_device, tile_index, warps
+from .layout import NUM_WARPS, Plan, offsets, on_device, tile_index
 
 
 @triton.jit
@@ -77,5 +77,5 @@ def k2_normalize(
             p.c, p.s, p.tiles_s, *p.strides[0], *p.strides[1], float(eps or 0.0),
             BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64, STAT_IS_VAR=eps is not None,
             PIVOT=eps is None,
-            HAS_W=weight is not None, HAS_B=bias is not None, num_warps=warps(p),
+            HAS_W=weight is not None, HAS_B=bias is not None, num_warps=NUM_WARPS,
         )

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import Plan, num_splits, offsets, on_device, tile_index, warps, workspace
+from .layout import NUM_WARPS, Plan, num_splits, offsets, on_device, tile_index, workspace
 
 
 @triton.jit(do_not_specialize=["n_total"])
@@ -177,6 +177,6 @@ def k1_stats(
             HAS_MEAN=mean is not None, HAS_KMEAN=kmean is not None,
             HAS_INVSTD=invstd is not None, HAS_VAR=var is not None,
             HAS_RUNNING=running is not None, MOMENTUM_FROM_NBT=from_nbt,
-            HAS_ACC=acc is not None, num_warps=warps(p),
+            HAS_ACC=acc is not None, num_warps=NUM_WARPS,
         )
 

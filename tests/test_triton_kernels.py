@@ -7,6 +7,7 @@ own same-dtype error plus a small floor relative to the values' magnitude.
 """
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from .conftest import DEVICE
 
 pytest.importorskip("triton")
 from fastpbn.kernels import layout  # noqa: E402
-from fastpbn.kernels.backward import k3_k4_backward  # noqa: E402
+from fastpbn.kernels.gradients import k3_k4_backward  # noqa: E402
 from fastpbn.kernels.normalize import k2_normalize  # noqa: E402
 from fastpbn.kernels.stats import k1_stats  # noqa: E402
 
@@ -91,8 +92,10 @@ def ref_forward(x, w, b, rm, rv, training, momentum, eps):
 
 
 @pytest.fixture(autouse=True)
-def poisoned_workspace():
-    """Kernels must never rely on the scratch buffer's contents."""
+def poisoned_workspace(request):
+    """Kernels must never rely on the scratch buffer's contents. Also seeds each case by its
+    name: different data per case, the same on every run."""
+    torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     ws, _ = layout.workspace(torch.device(DEVICE), 1 << 16, 1024)
     ws.fill_(NAN)
 
@@ -134,6 +137,31 @@ def test_forward_train(name, dtype):
         check("save_invstd", invstd, invstds, invstdr, dtype)
         check("running_mean", rm_o, rm_s, rmr, dtype)
         check("running_var", rv_o, rv_s, rvr, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_model_parameters_and_buffers(dtype):
+    """A model cast to fp16/bf16 has weight, bias and running stats in that dtype too: they
+    are read and written in it (dw, db come back in it)."""
+    x = make_x("channels_last", dtype)
+    w, b, rm, rv = (t.to(dtype) for t in params(x.shape[1]))
+    rm_o, rv_o, rm_s, rv_s = rm.clone(), rv.clone(), rm.clone(), rv.clone()
+    y, mean, invstd = K.forward_train(x, w, b, rm_o, rv_o, None, 0.1, 1e-5, None)
+    ys, means, invstds = torch.ops.aten.native_batch_norm(x, w, b, rm_s, rv_s, True, 0.1, 1e-5)
+    yr, _, _, rmr, rvr = ref_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    assert rm_o.dtype == rv_o.dtype == dtype
+    check("y", y, ys, yr, dtype)
+    check("running_mean", rm_o, rm_s, rmr, dtype)
+    check("running_var", rv_o, rv_s, rvr, dtype)
+    g = torch.randn_like(x)
+    dx, dw, db = K.backward(g, x, w, mean, invstd, True, (True, True, True))
+    stock = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, None, None, means, invstds, True, 1e-5, [True] * 3
+    )
+    ref = grads_reference(x, w, b, None, True, g)
+    assert dw.dtype == db.dtype == dtype
+    for what, ours, st_, r in zip(("dx", "dw", "db"), (dx, dw, db), stock, ref):
+        check(what, ours, st_, r, dtype, dx_scale(w, invstd, g) if what == "dx" else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -251,6 +279,8 @@ def test_welford_update_many_uneven_batches():
     c = 5
     count, mean, m2 = (torch.zeros(c, dtype=torch.float64, device=DEVICE) for _ in range(3))
     acc = tuple(torch.zeros(c, dtype=torch.float64, device=DEVICE) for _ in range(3))
+    count64 = torch.zeros(c, dtype=torch.int64, device=DEVICE)  # an integer count works too
+    mean64, m2_64 = mean.clone(), m2.clone()
     seen = []
     for i, n in enumerate((1, 7, 2, 33, 5, 12, 3, 64, 9)):
         x = shifted((n, c, 3, 4))
@@ -259,12 +289,13 @@ def test_welford_update_many_uneven_batches():
             x = x.to(memory_format=torch.channels_last)
         seen.append(x)
         K.welford_update(x, count, mean, m2)
-        if n * 12 > 1:
-            K.forward_train(x, None, None, None, None, None, 0.1, 1e-5, acc)
+        K.forward_train(x, None, None, None, None, None, 0.1, 1e-5, acc)
+        K.welford_update(x, count64, mean64, m2_64)
     every = torch.cat([t.double() for t in seen])
     rmean, rvar, rn = batch_stats_reference(every)
     assert torch.equal(count, torch.full_like(count, float(rn)))
-    assert torch.equal(acc[0], count)
+    assert torch.equal(acc[0], count) and torch.equal(count64, count.long())
+    assert torch.equal(mean64, mean) and torch.equal(m2_64, m2)
     for m, s in ((mean, m2), (acc[1], acc[2])):
         torch.testing.assert_close(m, rmean, rtol=1e-7, atol=0)
         torch.testing.assert_close(s / rn, rvar, rtol=1e-5, atol=0)
@@ -432,6 +463,62 @@ def test_random_shapes_and_strides(shape, perm_seed, step, training):
     for what, ours, st_, r in zip(("dx", "dw", "db"), grads, stock, ref):
         scale = dx_scale(w, invstd, g) if what == "dx" else None
         check(what, ours, st_, r, torch.float32, scale)
+
+
+COMPILE_FOR_GPU = """
+import itertools, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from fastpbn.kernels import gradients, normalize, stats
+
+def compile_(fn, consts, types, cap):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = types.get(name, "*fp32")
+        else:
+            sig[name] = "fp32" if name in ("momentum", "eps") else types.get(name, "i32")
+    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
+    triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
+
+x16 = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16", "w_ptr": "*bf16"}
+for cap, (dt, idx64) in itertools.product((80, 90), [({}, False), (x16, True)]):
+    types = dict(dt, counter_ptr="*i32", nbt_ptr="*i64", acc_n_ptr="*fp64",
+                 acc_mean_ptr="*fp64", acc_m2_ptr="*fp64", n_total="i64" if idx64 else "i32")
+    for flags in ((False, False), (True, True), (idx64, not idx64)):
+        compile_(stats._k1_stats_kernel, dict(
+            BLOCK_R=1024, BLOCK_C=4, IDX64=idx64, HAS_MEAN=True, HAS_KMEAN=flags[0],
+            HAS_INVSTD=flags[0], HAS_VAR=not flags[0], HAS_RUNNING=flags[1],
+            MOMENTUM_FROM_NBT=flags[0], HAS_ACC=flags[1]), types, cap)
+        compile_(normalize._k2_normalize_kernel, dict(
+            BLOCK_R=32, BLOCK_C=128, IDX64=idx64, STAT_IS_VAR=not flags[0], PIVOT=flags[0],
+            HAS_W=flags[1], HAS_B=flags[1]), types, cap)
+        compile_(gradients._k3_grad_stats_kernel, dict(
+            BLOCK_R=64, BLOCK_C=64, IDX64=idx64, HAS_W=flags[1], TRAINING=flags[0],
+            WRITE_DW=flags[1], WRITE_DB=True), types, cap)
+        compile_(gradients._k4_grad_input_kernel, dict(
+            BLOCK_R=4096, BLOCK_C=1, IDX64=idx64, HAS_W=flags[1], TRAINING=flags[0]),
+            types, cap)
+print("compiled")
+"""
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_gpu():
+    """The interpreter is lenient (types across branches, scalar atomics): compile every
+    kernel variant for sm_80 and sm_90 with Triton's bundled ptxas, no GPU needed."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True,
+                         text=True, timeout=600)
+    if "has no attribute 'ASTSource'" in out.stderr or "No module named" in out.stderr:
+        pytest.skip("this triton has no ahead-of-time compile API")
+    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
 
 
 # --- GPU: compiled kernels on the benchmark shapes (BENCH.md) -------------------------------

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import Plan, num_splits, offsets, on_device, tile_index, warps, workspace
+from .layout import NUM_WARPS, Plan, num_splits, offsets, on_device, tile_index, workspace
 
 
 @triton.jit(do_not_specialize=["n_total"])
@@ -111,7 +111,9 @@ def _k4_grad_input_kernel(
         if HAS_W:
             a = a * tl.load(w_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         dx = a[None, :] * dy
-    tl.store(dx_ptr + offsets(n, rows, cols, son, soc, sos, IDX64), dx, mask=mask)
+    # masked lanes may not fit dx's dtype (b·(0 - mean)): zero them
+    tl.store(dx_ptr + offsets(n, rows, cols, son, soc, sos, IDX64), tl.where(mask, dx, 0.0),
+             mask=mask)
 
 
 def k3_k4_backward(
@@ -142,12 +144,12 @@ def k3_k4_backward(
                 c, p.s, p.tiles_s, p.num_tiles, per_split, p.count, *p.strides[1],
                 *p.strides[0], BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
                 HAS_W=weight is not None, TRAINING=training and dx is not None,
-                WRITE_DW=dw is not None, WRITE_DB=db is not None, num_warps=warps(p),
+                WRITE_DW=dw is not None, WRITE_DB=db is not None, num_warps=NUM_WARPS,
             )
         if dx is not None:
             _k4_grad_input_kernel[(p.num_tiles, p.num_cblocks)](
                 grad_out, x, dx, coef, mean, invstd, w,
                 c, p.s, p.tiles_s, *p.strides[1], *p.strides[0], *p.strides[2],
                 BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
-                HAS_W=weight is not None, TRAINING=training, num_warps=warps(p),
+                HAS_W=weight is not None, TRAINING=training, num_warps=NUM_WARPS,
             )
