@@ -39,5 +39,6 @@ def test_all_reduce_two_ranks(tmp_path):
         assert torch.equal(results[0][key], results[1][key]), key
     rmean, rvar, n = batch_stats_reference(torch.cat(_data(0) + _data(1)))
     assert torch.equal(results[0]["count"], torch.full((4,), float(n), dtype=torch.float64))
-    torch.testing.assert_close(results[0]["mean"], rmean, rtol=1e-12, atol=1e-8)
+    # per-batch statistics are float32-exact (~1e-7 of the std), the merge float64
+    torch.testing.assert_close(results[0]["mean"], rmean, rtol=0, atol=1e-6)
     torch.testing.assert_close(results[0]["m2"] / n, rvar, rtol=1e-6, atol=0)
