@@ -74,29 +74,51 @@ def _tiny_setup(**kw):
     return recompute.Setup("t", lambda: recompute._input_bn_cnn(4), 4, (3, 8, 8), 6, **kw)
 
 
-@pytest.mark.parametrize("batch_size", [None, 8])
-def test_ground_truth_equals_float64_stats_of_all_captured_inputs(batch_size):
-    model, batches = recompute.prepare(_tiny_setup(data_mean=50.0, data_std=3.0), CPU)
-    truth = recompute.ground_truth(model, batches, batch_size)
-    # independent route: capture every BN input of the same pass, concatenate, reduce once
-    m = copy.deepcopy(model).eval()
+def _capture_by_concatenation(model, batches):
+    """Independent route: keep every BN input, concatenate, reduce once in float64."""
     seen = {}
-    for name, bn in recompute.bn_layers(m).items():
-        bn.train()
+    for name, bn in recompute.bn_layers(model).items():
         bn.register_forward_pre_hook(
             lambda mod, a, name=name: seen.setdefault(name, []).append(a[0].double()))
     with torch.no_grad():
-        for b in recompute._regroup(batches, batch_size):
-            m(b)
-    assert set(truth) == set(seen) and len(truth) == 4
+        for b in batches:
+            model(b)
+    return {name: batch_stats_reference(torch.cat(xs)) for name, xs in seen.items()}
+
+
+@pytest.mark.parametrize("batch_size", [None, 8])
+def test_ground_truth_is_the_float64_models_statistics(batch_size):
+    model, batches = recompute.prepare(_tiny_setup(data_mean=50.0, data_std=3.0), CPU)
+    truth = recompute.ground_truth(model, batches, batch_size)
+    m = copy.deepcopy(model).double().eval()
+    for bn in recompute.bn_layers(m).values():
+        bn.train()
+    ref = _capture_by_concatenation(m, [b.double() for b in
+                                        recompute._regroup(batches, batch_size)])
+    assert set(truth) == set(ref) and len(truth) == 4
     for name, (mean, m2, n) in truth.items():
-        ref_mean, ref_var, ref_n = batch_stats_reference(torch.cat(seen[name]))
+        ref_mean, ref_var, ref_n = ref[name]
         assert n == ref_n
         torch.testing.assert_close(mean, ref_mean, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(m2 / n, ref_var, rtol=1e-10, atol=1e-12)
-    # the model itself is untouched
-    for bn in recompute.bn_layers(model).values():
-        assert not bn.training
+    for bn in recompute.bn_layers(model).values():  # the model itself is untouched
+        assert not bn.training and bn.weight.dtype == torch.float32
+
+
+def test_float64_capture_merges_calls_exactly_and_leaves_modes():
+    model, batches = recompute.prepare(_tiny_setup(data_mean=-20.0, data_std=0.5), CPU)
+    model.train()
+    capture = recompute.Float64Capture(model)
+    with torch.no_grad():
+        for b in batches:
+            model(b)
+    capture.remove()
+    assert model.training
+    got = capture.truth()
+    ref = _capture_by_concatenation(copy.deepcopy(model), batches)  # same inputs: eval=train
+    for name, (mean, m2, n) in got.items():
+        torch.testing.assert_close(mean, ref[name][0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(m2 / n, ref[name][1], rtol=1e-10, atol=1e-12)
 
 
 def test_stats_error_metric():
@@ -180,6 +202,7 @@ def test_cli_tiny_end_to_end(tmp_path):
     assert len(headline) == 2 * len(recompute.BASELINES)  # per setup and baseline
     for r in rec:
         assert r["samples_per_s"] == pytest.approx(r["samples"] / (r["ms"] * 1e-3))
+        assert r["err_f64"] >= 0 and r["baseline_err_f64"] >= 0
         if r["impl"].startswith("fastpbn"):
             assert r["err"] < 1e-5, r  # float32 buffers: ~1e-7 is the floor
     stress = [r for r in rec if r["data"].startswith("mean 10000")]
@@ -259,3 +282,39 @@ def test_targets_are_judged_from_records():
     assert got["stats on >= 64 MB, worst % of copy BW"] == (95.0, True)
     assert got["recompute ResNet-50 vs fvcore"] == (1.4, False)
     assert got["recompute small CNN + CUDA graphs vs fvcore"] == (None, None)
+
+
+def _fake_result(cuda: bool) -> dict:
+    k = _record()
+    rc = {"bench": "recompute", "shape": [8, 3, 8, 8], "dtype": "float32", "layout": "NCHW",
+          "pass": "stats", "impl": "fastpbn+cuda_graph", "baseline": "fvcore", "ms": 2.0,
+          "baseline_ms": 7.0, "speedup": 3.5, "gbps": None, "median": 2.0, "p20": 1.9,
+          "p80": 2.1, "model": "small_cnn", "data": "mean 3, std 2", "samples": 64,
+          "batch_size": 8, "headline": False, "samples_per_s": 32e3, "err": None,
+          "err_f64": 1e-7, "baseline_err": 3e-6, "baseline_err_f64": 3e-6}
+    return {"device": "NVIDIA H100" if cuda else "some CPU", "torch": "2.x", "triton": "3.x",
+            "cuda": "12.x" if cuda else None, "date": "2026-01-01T00:00:00+00:00",
+            "copy_gbps": 3000.0 if cuda else 20.0, "records": [k, rc], "preset": "full",
+            "cuda_device": cuda, "runtime_s": 1.0, "skipped": ["kernels x: time budget spent"],
+            "errors": []}
+
+
+@pytest.mark.parametrize("cuda", [False, True])
+def test_report_files_for_cpu_and_gpu_results(tmp_path, cuda):
+    result = _fake_result(cuda)
+    md = open(report.write_markdown(result, str(tmp_path))).read()
+    assert ("CPU results" in md) != cuda
+    assert ("| recompute small CNN + CUDA graphs vs fvcore | >= 3x | 3.5 | True |" in md) == cuda
+    assert "| – |" in md  # a method without a hook-measured error shows a dash, not a number
+    assert "time budget spent" in md
+    paths = report.write_plots(result, str(tmp_path))
+    assert len(paths) == 3 and all(open(p, "rb").read(4) == b"\x89PNG" for p in paths)
+
+
+def test_recompute_without_fvcore_keeps_the_other_baseline(monkeypatch):
+    real = recompute.importlib.util.find_spec
+    monkeypatch.setattr(recompute.importlib.util, "find_spec",
+                        lambda name, *a: None if name == "fvcore" else real(name, *a))
+    setup = recompute.Setup("t", lambda: recompute._input_bn_cnn(4), 4, (3, 8, 8), 4)
+    recs = recompute.run_setup(setup, CPU, repeats=1)
+    assert recs and {r["baseline"] for r in recs} == {"torch-swa-update_bn"}

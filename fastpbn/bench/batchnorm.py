@@ -170,9 +170,11 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
         torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no dynamic shapes
         compiled = torch.compile(stock, dynamic=False)
 
-    def measure(label, fn, **kw) -> Optional[Timing]:
+    def measure(label, build, **kw) -> Optional[Timing]:
+        """Time ``build()`` (building runs the model for the backward pass, so it is inside
+        the failure net too)."""
         try:
-            return time_fn(fn, device, **timing, **kw)
+            return time_fn(build(), device, **timing, **kw)
         except Exception as e:
             if errors is None:
                 raise
@@ -186,20 +188,23 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
                                        tb, copy_gbps, graph))
 
     if "stats" in case.passes.get("train", ()):
-        t = measure("stats fastpbn", lambda: batch_stats(x.detach()))
+        t = measure("stats fastpbn", lambda: lambda: batch_stats(x.detach()))
         for name, fn in _stats_fns(x).items():
-            record("stats", "train", name, t, measure(f"stats {name}", fn))
+            record("stats", "train", name, t, measure(f"stats {name}", lambda f=fn: f))
     for mode, passes in case.passes.items():
         for pass_ in passes:
             if pass_ == "stats":
                 continue
-            t = measure(f"{mode} {pass_} fastpbn", _pass_fn(fast, pass_, mode, sets))
+            def build(module, p=pass_, m=mode):
+                return lambda: _pass_fn(module, p, m, sets)
+
+            t = measure(f"{mode} {pass_} fastpbn", build(fast))
             record(pass_, mode, "torch-eager", t,
-                   measure(f"{mode} {pass_} eager", _pass_fn(stock, pass_, mode, sets)))
+                   measure(f"{mode} {pass_} eager", build(stock)))
             # compiled: training passes and the eval forward (one graph each, no eval backward)
             if compiled is not None and (mode == "train" or pass_ == "forward"):
-                record(pass_, mode, "torch-compile", t, measure(
-                    f"{mode} {pass_} compile", _pass_fn(compiled, pass_, mode, sets)))
+                record(pass_, mode, "torch-compile", t,
+                       measure(f"{mode} {pass_} compile", build(compiled)))
     if case.graph and device.type == "cuda":
         # small shapes under CUDA graphs (launch overhead removed), inputs rotated so that the
         # timed calls do not all hit in L2
@@ -207,10 +212,10 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
         x_bytes = bytes_moved(case.shape, case.dtype, "stats", "train")
         gsets = _inputs(case, device, copies=max(1, min(16, -(-2 * l2 // x_bytes))))
         for pass_ in ("forward", "forward_backward"):
-            t = measure(f"graph {pass_} fastpbn", _pass_fn(fast, pass_, "train", gsets),
-                        graph=True)
-            tb = measure(f"graph {pass_} eager", _pass_fn(stock, pass_, "train", gsets),
-                         graph=True)
+            t = measure(f"graph {pass_} fastpbn",
+                        lambda p=pass_: _pass_fn(fast, p, "train", gsets), graph=True)
+            tb = measure(f"graph {pass_} eager",
+                         lambda p=pass_: _pass_fn(stock, p, "train", gsets), graph=True)
             record(pass_, "train", "torch-eager", t, tb, graph=True)
     return records
 

@@ -4,11 +4,13 @@
 Every method gets a fresh copy of the same model, the same batches (already on the device),
 the same sample count and the same normalization batch size; a larger ``batch_size`` is its own
 row. Each method is run once untimed (JIT compilers, allocator), then timed ``repeats`` times.
-Accuracy is measured against float64 ground truth: the same frozen model is run with its BN
-layers normalizing by batch statistics and every other module in eval mode, while forward
-pre-hooks reduce each BN layer's input in float64 (``fastpbn.reference``) and merge the batches
-exactly (Chan's formula in float64). Each method is compared with the truth in the convention it
-promises: M2/(N−1) (PyTorch's ``running_var``), or M2/N for fvcore and its compatible twin.
+Two errors per method, both against float64 statistics merged exactly (Chan's formula):
+``err`` against the very inputs its BN layers saw (forward pre-hooks reduce each input in
+float64 with ``fastpbn.reference``, in one more untimed run) — the estimation arithmetic
+alone; ``err_f64`` against the frozen model run entirely in float64 — the true population
+statistics, so float32 rounding in the forward counts too. Each method is compared in the
+variance convention it promises: M2/(N−1) (PyTorch's ``running_var``), or M2/N for fvcore and
+its compatible twin.
 """
 
 from __future__ import annotations
@@ -119,11 +121,38 @@ def _regroup(batches: list[Tensor], batch_size: Optional[int]) -> list[Tensor]:
             if len(flat[i:i + batch_size]) > 1]
 
 
+class Float64Capture:
+    """Forward pre-hooks on every BN layer of a model that reduce each input in float64
+    (``batch_stats_reference``) and merge the calls exactly (Chan's formula in float64).
+    Modes are not touched. ``truth()``: layer name -> (mean, M2, count)."""
+
+    def __init__(self, model: nn.Module):
+        self.acc: dict[str, tuple[int, Tensor, Tensor]] = {}
+        self.handles = [bn.register_forward_pre_hook(functools.partial(self._hook, name))
+                        for name, bn in bn_layers(model).items()]
+
+    def _hook(self, name, module, args):
+        mean_b, var_b, n_b = batch_stats_reference(args[0])
+        n, mean, m2 = self.acc.get(name, (0, torch.zeros_like(mean_b), torch.zeros_like(var_b)))
+        total = n + n_b
+        delta = mean_b - mean
+        self.acc[name] = (total, mean + delta * n_b / total,
+                          m2 + var_b * n_b + delta * delta * n * n_b / total)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+    def truth(self) -> dict[str, tuple[Tensor, Tensor, int]]:
+        return {name: (mean, m2, n) for name, (n, mean, m2) in self.acc.items()}
+
+
 @torch.no_grad()
 def ground_truth(model: nn.Module, batches: list[Tensor],
                  batch_size: Optional[int] = None) -> dict[str, tuple[Tensor, Tensor, int]]:
-    """Float64 population statistics of every BN layer's input: mean, M2 (sum of squared
-    deviations) and count per channel.
+    """Float64 population statistics of every BN layer's input, the model itself run in
+    float64: the exact statistics of the frozen model (BN layers normalizing by batch
+    statistics, everything else in eval mode), free of any float32 rounding.
 
     Args:
         model: the frozen model (not modified: a copy is run).
@@ -131,32 +160,22 @@ def ground_truth(model: nn.Module, batches: list[Tensor],
         batch_size: normalization batch size (batches concatenated then split), None for the
             batches as they are.
     Returns:
-        layer name -> (mean, m2, count), float64 on the model's device.
+        layer name -> (mean, M2, count), float64 on the model's device.
     """
-    m = copy.deepcopy(model).eval()
-    acc, hooks = {}, []
-    for name, bn in bn_layers(m).items():
+    m = copy.deepcopy(model).double().eval()
+    for bn in bn_layers(m).values():
         bn.train()
-
-        def hook(mod, args, name=name):
-            mean_b, var_b, n_b = batch_stats_reference(args[0])
-            n, mean, m2 = acc.get(name, (0, torch.zeros_like(mean_b), torch.zeros_like(var_b)))
-            total = n + n_b
-            delta = mean_b - mean
-            acc[name] = (total, mean + delta * n_b / total,
-                         m2 + var_b * n_b + delta * delta * n * n_b / total)
-
-        hooks.append(bn.register_forward_pre_hook(hook))
+    capture = Float64Capture(m)
     for b in _regroup(batches, batch_size):
-        m(b)
-    for h in hooks:
-        h.remove()
-    return {name: (mean, m2, n) for name, (n, mean, m2) in acc.items()}
+        m(b.double())
+    capture.remove()
+    return capture.truth()
 
 
 def stats_error(model: nn.Module, truth: dict[str, tuple[Tensor, Tensor, int]],
                 biased: bool = False) -> dict[str, float]:
-    """Worst error over all layers and channels of the model's running stats: ``var`` is
+    """Worst error over all layers and channels of the model's running stats against
+    ``truth`` (every layer must be in it): ``var`` is
     |v − v*|/v*, ``mean`` is |m − m*|/(|m*| + σ*) (relative to the data's magnitude: m* may be
     near 0, and a float32 buffer cannot hold m* closer than |m*|·6e-8).
 
@@ -165,8 +184,10 @@ def stats_error(model: nn.Module, truth: dict[str, tuple[Tensor, Tensor, int]],
     """
     err_v = err_m = 0.0
     layers = bn_layers(model)
-    for name, (mean, m2, n) in truth.items():
-        bn = layers[name]
+    for name, bn in layers.items():
+        if name not in truth:
+            raise RuntimeError(f"no float64 ground truth for BN layer {name!r} (did it run?)")
+        mean, m2, n = truth[name]
         var = m2 / (n if biased else n - 1)
         err_v = max(err_v, float(((bn.running_var.double() - var).abs() / var).max()))
         scale = mean.abs() + var.sqrt()
@@ -185,6 +206,8 @@ class Method:
     batch_size: Optional[int] = None
     prep: Callable[[nn.Module], nn.Module] = lambda m: m
     biased: bool = False
+    # Python hooks do not run when a captured CUDA graph replays: no ``err`` for such methods
+    hookable: bool = True
 
 
 def methods(device: torch.device, batch: int) -> dict[str, Method]:
@@ -203,7 +226,8 @@ def methods(device: torch.device, batch: int) -> dict[str, Method]:
         out["fastpbn-converted"] = Method(ours, prep=convert_model)
         if device.type == "cuda" and "cuda_graph" in inspect.signature(
                 precise.recompute_bn_stats).parameters:
-            out["fastpbn+cuda_graph"] = Method(lambda m, d: ours(m, d, cuda_graph=True))
+            out["fastpbn+cuda_graph"] = Method(lambda m, d: ours(m, d, cuda_graph=True),
+                                               hookable=False)
         big = 4 * batch
         out[f"fastpbn(batch_size={big})"] = Method(lambda m, d: ours(m, d, batch_size=big), big)
         out["fastpbn.update_bn_stats"] = Method(
@@ -275,22 +299,36 @@ def run_setup(setup: Setup, device: torch.device, repeats: int,
                 "samples_per_s": setup.samples / (t.median * 1e-3),
                 "baseline_samples_per_s": setup.samples / (tb.median * 1e-3),
                 "err": err["max"], "err_var": err["var"], "err_mean": err["mean"],
-                "baseline_err": errb["max"], "baseline_err_var": errb["var"],
-                "baseline_err_mean": errb["mean"],
+                "err_f64": err["f64"], "baseline_err": errb["max"],
+                "baseline_err_var": errb["var"], "baseline_err_mean": errb["mean"],
+                "baseline_err_f64": errb["f64"],
             })
     return records
 
 
 def _measure(method: Method, model, batches, truths: dict, device, repeats: int):
+    """Timings of ``repeats`` runs after a warm-up, then one untimed run with float64 capture
+    hooks: its statistics are compared with the float64 statistics of exactly the inputs its
+    layers saw (``err``: the estimation arithmetic alone) and with the float64 model's truth
+    (``err_f64``: also counts the float32 rounding of the forward that produced them)."""
     bs = method.batch_size
     if bs not in truths:
         truths[bs] = ground_truth(model, batches, bs)
     times = []
-    for i in range(repeats + 1):
-        m = method.prep(copy.deepcopy(model))
-        with warnings.catch_warnings():  # e.g. "batch below 32": the setup is deliberate
-            warnings.simplefilter("ignore")
+    with warnings.catch_warnings():  # e.g. "batch below 32": the setups are deliberate
+        warnings.simplefilter("ignore")
+        for i in range(repeats + 1):
+            m = method.prep(copy.deepcopy(model))
             t = wall_time(functools.partial(method.run, m, batches), device)
-        if i:  # the first run warms compilers and the allocator
-            times.append(t * 1e3)
-    return _quantiles(times), stats_error(m, truths[bs], method.biased), bs
+            if i:  # the first run warms compilers and the allocator
+                times.append(t * 1e3)
+        if method.hookable:
+            m = method.prep(copy.deepcopy(model))
+            capture = Float64Capture(m)
+            method.run(m, batches)
+            capture.remove()
+            err = stats_error(m, capture.truth(), method.biased)
+        else:
+            err = {"max": None, "var": None, "mean": None}
+    err["f64"] = stats_error(m, truths[bs], method.biased)["max"]
+    return _quantiles(times), err, bs
