@@ -1,4 +1,5 @@
-"""CPU micro-benchmarks (pytest-benchmark): ``pytest bench/ --benchmark-only``.
+"""CPU micro-benchmarks (pytest-benchmark): ``pytest bench/ --benchmark-only``
+(``FASTPBN_BENCH_THREADS=1`` for steadier numbers on a shared host).
 
 fastpbn against stock PyTorch on the same tensors, grouped so that each table compares like
 with like. Not collected by the test suite (testpaths = tests). On CPU fastpbn runs its
@@ -18,6 +19,8 @@ from fastpbn.models import SmallCNN
 from fastpbn.precise import recompute_bn_stats
 
 SHAPES = [(8, 64, 28, 28), (4096, 32, 1, 1)]  # a ResNet-like map; BatchNorm1d-like
+# warm-up calls first: one-time costs (lazy imports, allocator growth) are not what we measure
+pytestmark = pytest.mark.benchmark(warmup=True, warmup_iterations=3)
 
 
 def _x(shape, requires_grad=False):
