@@ -165,3 +165,14 @@ class BatchNormEval(torch.autograd.Function):
         invstd = torch.rsqrt(running_var.float() + ctx.eps)
         grads = _grads(ctx, grad_y, x, weight, running_mean.float(), invstd, False)
         return (*grads, None, None, None)
+
+
+def batch_norm_train_no_grad(*args):
+    """Training forward without an autograd node (nothing requires grad): the custom op while
+    compiling, else a direct call."""
+    return (batch_norm_train if torch.compiler.is_compiling() else _train_impl)(*args)
+
+
+def batch_norm_eval_no_grad(*args):
+    """Eval forward without an autograd node (nothing requires grad)."""
+    return (batch_norm_eval if torch.compiler.is_compiling() else _eval_impl)(*args)

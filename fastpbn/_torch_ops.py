@@ -35,38 +35,70 @@ def chan_merge_(
     count.copy_(n)
 
 
+# Grow-only scratch for the shifted copy of x: a fresh multi-MB tensor per call costs more in
+# page faults than the subtraction itself (CPU has no caching allocator). Capped, so a huge
+# activation does not pin memory for the life of the process.
+_SCRATCH_MAX_BYTES = 1 << 28
+_scratch: dict[torch.device, Tensor] = {}
+
+
+def _scratch_like(x: Tensor) -> Tensor:
+    """An uninitialised float32 tensor laid out like ``torch.empty_like(x)``."""
+    need = x.numel()
+    if need * 4 > _SCRATCH_MAX_BYTES:
+        return torch.empty_like(x, dtype=torch.float32)
+    buf = _scratch.get(x.device)
+    if buf is None or buf.numel() < need:
+        buf = _scratch[x.device] = torch.empty(need, dtype=torch.float32, device=x.device)
+    strides = torch.empty_like(x, device="meta").stride()
+    return buf.as_strided(x.shape, strides)
+
+
 def _shifted_batch_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(y, mean, biased var) with PyTorch's batch-norm kernel run on x - K, K = x[0, :, 0, ...]
-    (a value of each channel). Normalization does not change under the shift, and centring on
-    a sample keeps the float32 statistics exact however far the mean is from zero (the kernel
-    itself is two-pass and accumulates in float64 on CPU). mean and var are float64; var comes
-    from invstd, so its relative error is ~2.4e-7·(1 + eps/var)."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """PyTorch's batch-norm kernel run on x - K, K = x[0, :, 0, ...] (a value of each channel).
+
+    Normalization does not change under the shift, and centring on a sample keeps the float32
+    statistics exact however far the mean is from zero (the kernel's own mean is only exact to
+    one float32 rounding at the mean's magnitude, and its normalization loses as much). Returns
+    (y, float32 mean, float32 invstd, float64 mean, float64 biased var); var comes from invstd,
+    so its relative error is ~2.4e-7·(1 + eps/var).
+    """
     pivot = x[(0, slice(None)) + (0,) * (x.dim() - 2)].float()
-    xs = x.float() - _channel_view(pivot, x)  # float32 even for half inputs: the shift is exact
+    # float32 even for half inputs: the shift is exact
+    xs = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))
     if weight is not None and weight.dtype != xs.dtype:
         weight, bias = weight.float(), None if bias is None else bias.float()
     y, mean_s, invstd = torch.ops.aten.native_batch_norm(
         xs, weight, bias, None, None, True, 0.0, eps
     )
-    invstd = invstd.double()  # the kernel reports invstd = 0 for a constant channel at eps = 0
-    var = torch.where(invstd > 0, invstd.pow(-2) - eps, 0.0).clamp_min(0.0)
-    return y.to(x.dtype), pivot.double() + mean_s.double(), var
+    var = invstd.double().pow_(-2).sub_(eps).clamp_min_(0.0)
+    if eps == 0.0:  # the kernel reports invstd = 0 for a constant channel at eps = 0
+        var.masked_fill_(invstd == 0, 0.0)
+    mean = mean_s.double().add_(pivot)
+    return y.to(x.dtype), mean_s.add_(pivot), invstd, mean, var
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
-    _, mean, var = _shifted_batch_norm(x, None, None, 0.0)
+    _, _, _, mean, var = _shifted_batch_norm(x, None, None, 0.0)
     return mean.float(), var.float(), x.numel() // x.shape[1]
 
 
-def _merge_batch(acc: tuple[Tensor, Tensor, Tensor], mean: Tensor, var: Tensor, n: int) -> None:
-    count = acc[0]
-    chan_merge_(*acc, torch.full_like(count, n), mean.to(count), var.to(count) * n)
+def _merge_batch(acc: tuple[Tensor, Tensor, Tensor], mean_b: Tensor, var_b: Tensor,
+                 n: int) -> None:
+    """Merge a batch of n values per channel (float64 mean, biased var) into acc, in place:
+    ``chan_merge_`` specialised to a whole batch (fewer small ops on the hot path)."""
+    count, mean, m2 = acc
+    w = (count + n).reciprocal_().mul_(n)  # n_b / (n_a + n_b)
+    delta = mean_b - mean
+    m2.add_(var_b, alpha=n).addcmul_(delta.square(), count.mul(w))
+    mean.addcmul_(delta, w)
+    count.add_(n)
 
 
 def welford_update(x: Tensor, count: Tensor, mean: Tensor, m2: Tensor) -> None:
-    _, mean_b, var_b = _shifted_batch_norm(x, None, None, 0.0)
+    _, _, _, mean_b, var_b = _shifted_batch_norm(x, None, None, 0.0)
     _merge_batch((count, mean, m2), mean_b, var_b, x.numel() // x.shape[1])
 
 
@@ -93,16 +125,15 @@ def forward_train(
             x, weight, bias, running_mean, running_var, True, factor, eps
         )
         return y, save_mean.float(), save_invstd.float()
-    # accumulating: one statistics pass serves the normalization and the float64 state
+    # accumulating: one (shifted) statistics pass serves the normalization and the float64 state
     n = x.numel() // x.shape[1]
-    y, mean, var = _shifted_batch_norm(x, weight, bias, eps)
+    y, save_mean, save_invstd, mean, var = _shifted_batch_norm(x, weight, bias, eps)
     _merge_batch(acc, mean, var, n)
-    if running_mean is not None:
-        with torch.no_grad():
-            running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
-            running_var.mul_(1 - factor).add_(var.to(running_var.dtype) * (n / max(n - 1, 1)),
-                                              alpha=factor)
-    return y, mean.float(), torch.rsqrt(var + eps).float()
+    if running_mean is not None:  # PyTorch's rule: the unbiased variance goes into running_var
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(var.mul(n / max(n - 1, 1)).to(running_var.dtype),
+                                          alpha=factor)
+    return y, save_mean, save_invstd
 
 
 def forward_eval(

@@ -43,6 +43,10 @@ def _verify_batch_size(x: Tensor) -> None:
         )
 
 
+def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def batch_norm_train(
     input: Tensor,
     running_mean: Optional[Tensor],
@@ -76,9 +80,11 @@ def batch_norm_train(
     if accumulator is not None:
         accumulator._check_input(input)
         acc = (accumulator.count, accumulator.mean, accumulator.m2)
-    return _function.BatchNormTrain.apply(
-        input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *acc
-    )[0]
+    args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+            *acc)
+    if _needs_autograd(input, weight, bias):
+        return _function.BatchNormTrain.apply(*args)[0]
+    return _function.batch_norm_train_no_grad(*args)[0]
 
 
 def batch_norm(
@@ -109,7 +115,10 @@ def batch_norm(
     _check_channel_args(
         input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
-    return _function.BatchNormEval.apply(input, weight, bias, running_mean, running_var, eps)
+    args = (input, weight, bias, running_mean, running_var, eps)
+    if _needs_autograd(input, weight, bias):
+        return _function.BatchNormEval.apply(*args)
+    return _function.batch_norm_eval_no_grad(*args)
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:

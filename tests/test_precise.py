@@ -151,7 +151,9 @@ def test_shifted_data_exact_where_fvcore_is_off(ratio):
     assert err(ours[0].running_var, var_n) < 1e-6
     assert err(pop[0].running_var, allv.var(1)) < 1e-6
     assert err(stats["0"].var, allv.var(1)) < 1e-6
-    assert ((stats["0"].mean - allv.mean(1)).abs() / allv.std(1)).max() < 1e-6
+    # the mean is exact to float32 rounding at its own magnitude (what a running_mean can hold)
+    ulp = torch.finfo(torch.float32).eps * allv.mean(1).abs()
+    assert ((stats["0"].mean - allv.mean(1)).abs() <= ulp + 1e-6 * allv.std(1)).all()
 
 
 def test_stock_and_fastprecisebn_layers_agree():

@@ -114,3 +114,19 @@ def test_var_undefined_and_constructor_errors():
         WelfordState(0)
     with pytest.raises(ValueError, match="same number of channels"):
         state.merge(WelfordState(3))
+
+
+def test_accumulating_forward_updates_running_stats_like_stock(backend):
+    """A FastPreciseBN layer with an accumulator still follows PyTorch's running-stat rule."""
+    from torch import nn
+
+    from fastpbn import FastPreciseBN2d
+
+    stock, ours = nn.BatchNorm2d(3).to(DEVICE), FastPreciseBN2d(3).to(DEVICE)
+    ours.accumulator = WelfordState(3, device=DEVICE)
+    batches = shifted_batches([4, 6], mean=20.0, std=2.0)
+    for b in batches:
+        torch.testing.assert_close(ours(b), stock(b), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(ours.running_mean, stock.running_mean, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(ours.running_var, stock.running_var, rtol=1e-5, atol=1e-6)
+    assert_matches_all_data(ours.accumulator, batches)
