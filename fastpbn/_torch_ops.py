@@ -50,8 +50,9 @@ def _scratch_like(x: Tensor) -> Tensor:
     buf = _scratch.get(x.device)
     if buf is None or buf.numel() < need:
         buf = _scratch[x.device] = torch.empty(need, dtype=torch.float32, device=x.device)
-    strides = torch.empty_like(x, device="meta").stride()
-    return buf.as_strided(x.shape, strides)
+    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+        return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
+    return buf[:need].view(x.shape)
 
 
 def _shifted_batch_norm(
@@ -90,11 +91,10 @@ def _merge_batch(acc: tuple[Tensor, Tensor, Tensor], mean_b: Tensor, var_b: Tens
     """Merge a batch of n values per channel (float64 mean, biased var) into acc, in place:
     ``chan_merge_`` specialised to a whole batch (fewer small ops on the hot path)."""
     count, mean, m2 = acc
-    w = (count + n).reciprocal_().mul_(n)  # n_b / (n_a + n_b)
     delta = mean_b - mean
-    m2.add_(var_b, alpha=n).addcmul_(delta.square(), count.mul(w))
-    mean.addcmul_(delta, w)
-    count.add_(n)
+    mean.addcmul_(delta, n / count.add_(n))  # count is now n_a + n_b
+    # δ²·n_a·n_b/(n_a + n_b) = δ·(mean_b − new mean)·n_b
+    m2.add_(var_b, alpha=n).addcmul_(delta, mean_b - mean, value=n)
 
 
 def welford_update(x: Tensor, count: Tensor, mean: Tensor, m2: Tensor) -> None:
