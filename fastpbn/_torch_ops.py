@@ -7,6 +7,7 @@ precision at any |mean|/std; batches are merged into float64 state with Chan's f
 
 from __future__ import annotations
 
+import threading
 from typing import Optional
 
 import torch
@@ -39,7 +40,7 @@ def chan_merge_(
 # page faults than the subtraction itself (CPU has no caching allocator). Capped, so a huge
 # activation does not pin memory for the life of the process.
 _SCRATCH_MAX_BYTES = 1 << 28
-_scratch: dict[torch.device, Tensor] = {}
+_local = threading.local()  # one scratch per thread: concurrent callers must not share it
 
 
 def _scratch_like(x: Tensor) -> Tensor:
@@ -47,9 +48,10 @@ def _scratch_like(x: Tensor) -> Tensor:
     need = x.numel()
     if need * 4 > _SCRATCH_MAX_BYTES:
         return torch.empty_like(x, dtype=torch.float32)
-    buf = _scratch.get(x.device)
+    scratch = _local.__dict__.setdefault("scratch", {})
+    buf = scratch.get(x.device)
     if buf is None or buf.numel() < need:
-        buf = _scratch[x.device] = torch.empty(need, dtype=torch.float32, device=x.device)
+        buf = scratch[x.device] = torch.empty(need, dtype=torch.float32, device=x.device)
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
     return buf[:need].view(x.shape)
