@@ -46,7 +46,9 @@ _local = threading.local()  # one scratch per thread: concurrent callers must no
 def _scratch_like(x: Tensor) -> Tensor:
     """An uninitialised float32 tensor laid out like ``torch.empty_like(x)``."""
     need = x.numel()
-    if need * 4 > _SCRATCH_MAX_BYTES:
+    # CUDA's caching allocator already recycles memory (and a shared buffer would race across
+    # streams): the scratch is for CPU only
+    if x.device.type != "cpu" or need * 4 > _SCRATCH_MAX_BYTES:
         return torch.empty_like(x, dtype=torch.float32)
     scratch = _local.__dict__.setdefault("scratch", {})
     buf = scratch.get(x.device)
