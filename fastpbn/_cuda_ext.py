@@ -34,7 +34,9 @@ _ERROR_CHARS = 1500  # how much of a compiler log a reason quotes
 _ext = None
 _build_error: Optional[str] = None
 _lock = threading.Lock()
-_workspaces: dict[tuple[str, int], tuple[Tensor, Tensor]] = {}
+_workspaces: dict[tuple[str, int, bool], tuple[Tensor, Tensor]] = {}
+# Outgrown workspaces stay alive: a captured CUDA graph may still point at them.
+_retired: list[Tensor] = []
 
 
 class CudaExtensionError(RuntimeError):
@@ -164,13 +166,20 @@ def load():
 
 def _workspace(ext, x: Tensor) -> tuple[Tensor, Tensor]:
     """(float32 scratch, zeroed int32 counters) big enough for x, cached per device and stream:
-    launches on one stream run in order, so they can share it."""
+    launches on one stream run in order, so they can share it. Workspaces made during CUDA
+    graph capture are kept apart from eager ones (their zero-fill only runs on replay)."""
     floats, ints = ext.workspace_size(x)
-    stream = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
-    key = (str(x.device), stream)
+    stream, capturing = 0, False
+    if x.is_cuda:
+        stream = torch.cuda.current_stream(x.device).cuda_stream
+        with torch.cuda.device(x.device):
+            capturing = torch.cuda.is_current_stream_capturing()
+    key = (str(x.device), stream, capturing)
     ws = _workspaces.get(key)
     if ws is None or ws[0].numel() < floats or ws[1].numel() < ints:
         old_f, old_i = (ws[0].numel(), ws[1].numel()) if ws is not None else (0, 0)
+        if ws is not None:
+            _retired.extend(ws)
         ws = (
             torch.empty(max(floats, old_f, 1), dtype=torch.float32, device=x.device),
             torch.zeros(max(ints, old_i, 1), dtype=torch.int32, device=x.device),

@@ -143,6 +143,8 @@ def num_splits(p: Plan, device: torch.device) -> tuple[int, int]:
 
 # One workspace per (device, stream): launches on a stream run in order, so they can share it.
 # Outgrown buffers are kept alive, because a captured CUDA graph may still point at them.
+# Buffers made while a CUDA graph is being captured are kept apart from eager ones: their
+# zero-fill only runs when the graph replays, so an eager launch must never be handed them.
 _WORKSPACE: dict[tuple, tuple[Tensor, Tensor]] = {}
 _RETIRED: list[Tensor] = []
 
@@ -150,9 +152,12 @@ _RETIRED: list[Tensor] = []
 def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
     """A float32 scratch buffer of at least ``floats`` and an int32 counter buffer of at least
     ``counters`` zeros. Kernels reset every counter they increment, so no memset per call."""
-    key = (device, torch.cuda.current_stream(device).cuda_stream) if device.type == "cuda" else (
-        device,
-    )
+    if device.type == "cuda":
+        with _on_index(device):  # capture state is queried on the current device's stream
+            capturing = torch.cuda.is_current_stream_capturing()
+        key = (device, torch.cuda.current_stream(device).cuda_stream, capturing)
+    else:
+        key = (device,)
     ws, cnt = _WORKSPACE.get(key, (None, None))
     if ws is None or ws.numel() < floats or cnt.numel() < counters:
         if ws is not None:
@@ -165,11 +170,17 @@ def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor,
     return ws, cnt
 
 
+def _on_index(device: torch.device):
+    if device.type == "cuda" and device.index is not None and (
+        device.index != torch.cuda.current_device()
+    ):
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def on_device(x: Tensor):
     """Triton launches on the current CUDA device: make it x's."""
-    if x.device.type == "cuda" and x.device.index != torch.cuda.current_device():
-        return torch.cuda.device(x.device)
-    return contextlib.nullcontext()
+    return _on_index(x.device)
 
 
 @triton.jit
