@@ -43,46 +43,70 @@ _SCRATCH_MAX_BYTES = 1 << 28
 _local = threading.local()  # one scratch per thread: concurrent callers must not share it
 
 
+def _work_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def _scratch_like(x: Tensor) -> Tensor:
-    """An uninitialised float32 tensor laid out like ``torch.empty_like(x)``."""
-    need = x.numel()
+    """An uninitialised float32 (float64 for float64 x) tensor laid out like empty_like(x)."""
+    need, dtype = x.numel(), _work_dtype(x)
     # CUDA's caching allocator already recycles memory (and a shared buffer would race across
     # streams): the scratch is for CPU only
     if x.device.type != "cpu" or need * 4 > _SCRATCH_MAX_BYTES:
-        return torch.empty_like(x, dtype=torch.float32)
+        return torch.empty_like(x, dtype=dtype)
     scratch = _local.__dict__.setdefault("scratch", {})
-    buf = scratch.get(x.device)
+    buf = scratch.get((x.device, dtype))
     if buf is None or buf.numel() < need:
-        buf = scratch[x.device] = torch.empty(need, dtype=torch.float32, device=x.device)
+        buf = scratch[(x.device, dtype)] = torch.empty(need, dtype=dtype, device=x.device)
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
     return buf[:need].view(x.shape)
 
 
+def normalize_shifted(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    pivot: Tensor, mean_s: Tensor, invstd: Tensor,
+) -> Tensor:
+    """Training-mode batch norm of ``x`` run by PyTorch's kernel on x - K, K = x[0, :, 0, ...]
+    (a value of each channel); returns y and writes K, the mean of x - K and invstd into the
+    given (C,) tensors (float32; float64 for float64 x).
+
+    Normalization does not change under the shift, and centring on a sample keeps the
+    statistics exact however far the mean is from zero (the kernel's own mean is only exact to
+    one rounding at the mean's magnitude, and its normalization loses as much). The kernel is
+    two-pass and accumulates in float64 on CPU.
+    """
+    pivot.copy_(x[(0, slice(None)) + (0,) * (x.dim() - 2)])
+    xs = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))
+    if weight is not None and weight.dtype != xs.dtype:
+        weight, bias = weight.to(xs.dtype), None if bias is None else bias.to(xs.dtype)
+    y = torch.empty_like(xs)
+    torch.ops.aten.native_batch_norm.out(
+        xs, weight, bias, None, None, True, 0.0, eps, out=y, save_mean=mean_s, save_invstd=invstd
+    )
+    return y.to(x.dtype)
+
+
+def shifted_moments(
+    pivot: Tensor, mean_s: Tensor, invstd: Tensor, eps: float | Tensor
+) -> tuple[Tensor, Tensor]:
+    """Float64 (mean, biased var) from what :func:`normalize_shifted` wrote; var comes from
+    invstd, so its relative error is ~2.4e-7·(1 + eps/var) in float32."""
+    var = invstd.double().pow_(-2).sub_(eps).clamp_min_(0.0)
+    if isinstance(eps, float) and eps == 0.0:  # the kernel reports invstd = 0 for var = 0 then
+        var.masked_fill_(invstd == 0, 0.0)
+    return mean_s.double().add_(pivot), var
+
+
 def _shifted_batch_norm(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """PyTorch's batch-norm kernel run on x - K, K = x[0, :, 0, ...] (a value of each channel).
-
-    Normalization does not change under the shift, and centring on a sample keeps the float32
-    statistics exact however far the mean is from zero (the kernel's own mean is only exact to
-    one float32 rounding at the mean's magnitude, and its normalization loses as much). Returns
-    (y, float32 mean, float32 invstd, float64 mean, float64 biased var); var comes from invstd,
-    so its relative error is ~2.4e-7·(1 + eps/var).
-    """
-    pivot = x[(0, slice(None)) + (0,) * (x.dim() - 2)].float()
-    # float32 even for half inputs: the shift is exact
-    xs = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))
-    if weight is not None and weight.dtype != xs.dtype:
-        weight, bias = weight.float(), None if bias is None else bias.float()
-    y, mean_s, invstd = torch.ops.aten.native_batch_norm(
-        xs, weight, bias, None, None, True, 0.0, eps
-    )
-    var = invstd.double().pow_(-2).sub_(eps).clamp_min_(0.0)
-    if eps == 0.0:  # the kernel reports invstd = 0 for a constant channel at eps = 0
-        var.masked_fill_(invstd == 0, 0.0)
-    mean = mean_s.double().add_(pivot)
-    return y.to(x.dtype), mean_s.add_(pivot), invstd, mean, var
+    """(y, float32 mean, float32 invstd, float64 mean, float64 biased var) of
+    :func:`normalize_shifted`."""
+    pivot, mean_s, invstd = torch.empty(3, x.shape[1], dtype=_work_dtype(x), device=x.device)
+    y = normalize_shifted(x, weight, bias, eps, pivot, mean_s, invstd)
+    mean, var = shifted_moments(pivot, mean_s, invstd, eps)
+    return y, mean_s.add_(pivot).float(), invstd.float(), mean, var
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:

@@ -569,3 +569,32 @@ def test_cuda_graph_and_pinned_prefetch_match_eager(convert):
         torch.testing.assert_close(graph[n].var, eager[n].var, rtol=1e-12, atol=1e-12)
     truth = ground_truth(model, [torch.cat(data[i:i + 2]).cuda() for i in range(0, 9, 2)])
     assert_close_to_truth(eager, truth, rtol=1e-6)
+
+
+def test_cpu_population_pass_merges_once_per_forward_and_matches_per_call_merging():
+    """On CPU the population pass stages each layer's batch and merges all layers after the
+    forward (one vectorized merge); the result equals per-call merging (the path ``tol``
+    takes) and nothing of the fast path outlives the pass."""
+    torch.manual_seed(31)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), FastPreciseBN2d(3))
+    seen = []
+
+    def forward_fn(m, x):
+        seen.append({type(getattr(layer.forward, "__self__", None)).__name__ + "."
+                     + layer.forward.__func__.__qualname__ for layer in (m[1], m[3])})
+        return m(x)
+
+    batches = [shifted(n, 2, 6, 6) for n in (16, 9, 16)]
+    flat = recompute_bn_stats(model, batches, forward_fn=forward_fn, apply=False)
+    assert seen[0] == {"BatchNorm2d.FlatStats.forward_for.<locals>.forward",
+                       "FastPreciseBN2d.FlatStats.forward_for.<locals>.forward"}
+    assert "forward" not in model[1].__dict__ and "forward" not in model[3].__dict__
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tol is not reached: every batch is used
+        per_call = recompute_bn_stats(model, batches, tol=1e-12, apply=False)
+    for n in flat:
+        torch.testing.assert_close(flat[n].count, per_call[n].count, rtol=0, atol=0)
+        torch.testing.assert_close(flat[n].mean, per_call[n].mean, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(flat[n].var, per_call[n].var, rtol=1e-9, atol=0)
+    truth = ground_truth(model, batches)
+    assert_close_to_truth(flat, truth)

@@ -21,6 +21,7 @@ from torch.nn.parameter import UninitializedBuffer
 from .._torch_ops import chan_merge_
 from ..modules import FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d
 from ..stats import WelfordState
+from ._batched import FlatStats
 
 FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
 # stock layers that borrow FastPreciseBN's forward for the pass: one statistics pass then serves
@@ -183,9 +184,13 @@ class PassState:
             (m, m.__dict__.get("accumulator", _MISSING)) for _, m in layers
             if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
         ]
-        self.borrowed = [
-            (m, m.__dict__.get("forward", _MISSING)) for _, m in layers if type(m) in BORROW_TYPES
+        # layers whose forward is replaced for the pass (stock ones borrow FastPreciseBN's; on
+        # the CPU fast path both kinds get a FlatStats forward)
+        self.forwards = [
+            (m, m.__dict__.get("forward", _MISSING)) for _, m in layers
+            if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
         ]
+        self.flat: Optional[FlatStats] = None
         self.buffers = [(b, b.clone()) for _, m in layers for b in m.buffers(recurse=False)]
         self.handles: list = []
 
@@ -202,8 +207,16 @@ class PassState:
 
     def install(self, accs: list[LayerAccumulator], tracker: CallTracker) -> None:
         """Route every selected layer's batches into its accumulator."""
-        for m, _ in self.borrowed:
-            m.forward = types.MethodType(FastPreciseBN2d.forward, m)
+        for m, _ in self.forwards:
+            if type(m) in BORROW_TYPES:
+                m.forward = types.MethodType(FastPreciseBN2d.forward, m)
+        flat = [i for i, ((_, m), acc) in enumerate(zip(self.layers, accs))
+                if _flat_eligible(m, acc)]
+        if flat:
+            self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i].total for i in flat])
+            for slot, i in enumerate(flat):
+                m = self.layers[i][1]
+                m.forward = self.flat.forward_for(m, slot)
         for i, ((name, m), acc) in enumerate(zip(self.layers, accs)):
             fast = isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
             if fast:
@@ -213,6 +226,11 @@ class PassState:
             ))
             if fast and acc.per_call:
                 self.handles.append(m.register_forward_hook(lambda *_, acc=acc: acc.fold()))
+
+    def after_forward(self) -> None:
+        """Merge what the CPU fast path staged during the forward that just ended."""
+        if self.flat is not None:
+            self.flat.flush()
 
     def install_stop(self, tracker: CallTracker) -> None:
         """Raise :class:`StopForward` after the last call of the first forward's pattern, once
@@ -229,7 +247,8 @@ class PassState:
         for h in self.handles:
             h.remove()
         self.handles = []
-        for m, forward in self.borrowed:
+        self.flat = None
+        for m, forward in self.forwards:
             if forward is _MISSING:
                 m.__dict__.pop("forward", None)
             else:
@@ -246,6 +265,21 @@ class PassState:
         with torch.no_grad():
             for b, saved in self.buffers:
                 b.copy_(saved)
+
+
+def _flat_eligible(m: nn.Module, acc: LayerAccumulator) -> bool:
+    """The CPU fast path serves the population estimator of float32 layers that the torch
+    backend would serve anyway (not when another backend is forced)."""
+    from .._backend import BackendUnavailable, get_backend
+
+    if acc.per_call or not (isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES):
+        return False
+    if m.running_mean.device.type != "cpu" or m.running_mean.dtype != torch.float32:
+        return False
+    try:
+        return get_backend(m.running_mean.view(1, -1)).name == "torch"
+    except BackendUnavailable:
+        return False
 
 
 def _pre_hook(i: int, name: str, acc: LayerAccumulator, tracker: CallTracker, feed: bool):

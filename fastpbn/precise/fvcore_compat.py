@@ -69,6 +69,7 @@ def update_bn_stats(
                                disable=progress != "tqdm"):
                 tracker.begin_forward()
                 model(inputs)
+                state.after_forward()
                 calls = [c + k for c, k in zip(calls, tracker.counts)]
                 ran += 1
         if ran < num_iters:

@@ -162,6 +162,7 @@ def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total,
                 skipped += n
                 continue
             forward(x)
+            state.after_forward()
             samples += n
             batches += 1
             bar.update(n)
