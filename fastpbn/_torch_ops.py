@@ -87,6 +87,20 @@ def normalize_shifted(
     return y.to(x.dtype)
 
 
+def normalize_unshifted(
+    x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+    mean: Tensor, invstd: Tensor,
+) -> Tensor:
+    """:func:`normalize_shifted` without the shift, for float32 data whose |mean|/std is small
+    (its mean is then exact to one float32 rounding, i.e. to |mean|·6e-8, a tiny fraction of the
+    std): PyTorch's kernel on x itself, writing the float32 mean and invstd."""
+    y = torch.empty_like(x)
+    torch.ops.aten.native_batch_norm.out(
+        x, weight, bias, None, None, True, 0.0, eps, out=y, save_mean=mean, save_invstd=invstd
+    )
+    return y
+
+
 def shifted_moments(
     pivot: Tensor, mean_s: Tensor, invstd: Tensor, eps: float | Tensor
 ) -> tuple[Tensor, Tensor]:
