@@ -27,6 +27,7 @@ FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
 # stock layers that borrow FastPreciseBN's forward for the pass: one statistics pass then serves
 # both their normalization and the accumulator (a hook would read every activation twice)
 BORROW_TYPES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
+EXACT_TYPES = BORROW_TYPES | set(FAST_TYPES)
 LayerSelection = Union[None, Sequence[nn.Module], nn.Module, Callable[[str, nn.Module], bool]]
 _MISSING = object()
 
@@ -191,19 +192,23 @@ class PassState:
             if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
         ]
         self.flat: Optional[FlatStats] = None
-        self.buffers = [(b, b.clone()) for _, m in layers for b in m.buffers(recurse=False)]
+        # buffers are not written during a pass; a copy is still put back for BN subclasses of
+        # unknown behaviour (the exact stock and FastPreciseBN classes honour the flag)
+        self.buffers = [(b, b.clone()) for _, m in layers if type(m) not in EXACT_TYPES
+                        for b in m.buffers(recurse=False)]
         self.handles: list = []
 
     def enter(self, set_modes: bool) -> None:
         """Stop buffer updates; with ``set_modes`` every module goes to eval and the selected
         layers to train."""
+        # plain attributes, set without nn.Module.__setattr__ (it costs microseconds a module)
         if set_modes:
             for m, _ in self.flags:
-                m.training = False
+                object.__setattr__(m, "training", False)
             for _, m in self.layers:
-                m.training = True
+                object.__setattr__(m, "training", True)
         for _, m in self.layers:
-            m.track_running_stats = False
+            object.__setattr__(m, "track_running_stats", False)
 
     def install(self, accs: list[LayerAccumulator], tracker: CallTracker) -> None:
         """Route every selected layer's batches into its accumulator."""
@@ -211,7 +216,7 @@ class PassState:
             if type(m) in BORROW_TYPES:
                 m.forward = types.MethodType(FastPreciseBN2d.forward, m)
         flat = [i for i, ((_, m), acc) in enumerate(zip(self.layers, accs))
-                if _flat_eligible(m, acc)]
+                if _flat_eligible(m, acc)] if _cpu_backend_is_torch() else []
         if flat:
             self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i].total for i in flat])
             for slot, i in enumerate(flat):
@@ -254,9 +259,9 @@ class PassState:
             else:
                 m.forward = forward
         for m, flag in self.flags:
-            m.training = flag
+            object.__setattr__(m, "training", flag)
         for m, flag in self.tracking:
-            m.track_running_stats = flag
+            object.__setattr__(m, "track_running_stats", flag)
         for m, acc in self.accumulators:
             if acc is _MISSING:
                 m.__dict__.pop("accumulator", None)
@@ -268,16 +273,18 @@ class PassState:
 
 
 def _flat_eligible(m: nn.Module, acc: LayerAccumulator) -> bool:
-    """The CPU fast path serves the population estimator of float32 layers that the torch
-    backend would serve anyway (not when another backend is forced)."""
-    from .._backend import BackendUnavailable, get_backend
-
+    """The CPU fast path serves the population estimator of float32 CPU layers (when the
+    torch backend serves the CPU: not when another backend is forced)."""
     if acc.per_call or not (isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES):
         return False
-    if m.running_mean.device.type != "cpu" or m.running_mean.dtype != torch.float32:
-        return False
+    return m.running_mean.device.type == "cpu" and m.running_mean.dtype == torch.float32
+
+
+def _cpu_backend_is_torch() -> bool:
+    from .._backend import BackendUnavailable, get_backend
+
     try:
-        return get_backend(m.running_mean.view(1, -1)).name == "torch"
+        return get_backend(torch.empty(1, 1)).name == "torch"
     except BackendUnavailable:
         return False
 

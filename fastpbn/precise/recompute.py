@@ -237,18 +237,18 @@ def _check_run(run, accs, num_samples, num_batches, tol, group, distributed):
 
 
 def _estimates(accs, estimator) -> dict:
-    out, never, bad = {}, [], []
-    for acc in accs:
-        mean, var, count = (t.to("cpu", torch.float64) for t in acc.estimate(estimator))
-        if not bool((count > 0).all()):
-            never.append(acc.name)
-        elif not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
-            bad.append(acc.name)
-        out[acc.name] = (mean, var, count)
-    if never:
+    out = {acc.name: tuple(t.to("cpu", torch.float64) for t in acc.estimate(estimator))
+           for acc in accs}
+    # one check over all layers; names only when something is wrong
+    counts, values = zip(*(((c > 0).all(), torch.isfinite(m).all() & torch.isfinite(v).all())
+                           for m, v, c in out.values()))
+    if not bool(torch.stack(counts).all()):
+        never = [n for n, (_, _, c) in out.items() if not bool((c > 0).all())]
         raise RuntimeError(f"BN layer(s) {never} never ran during the pass (not reached by "
                            "the forward?); select only layers the forward uses")
-    if bad:
+    if not bool(torch.stack(values).all()):
+        bad = [n for n, (m, v, _) in out.items()
+               if not bool(torch.isfinite(m).all() and torch.isfinite(v).all())]
         raise ValueError(f"non-finite statistics (NaN/Inf) in BN layer(s) {bad}; the model is "
                          "unchanged")
     return out
