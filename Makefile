@@ -37,7 +37,7 @@ info: $(VENV)/.installed-test
 	$(PY) -m fastpbn info
 
 lint: $(VENV)/.installed-dev
-	$(PY) -m ruff check fastpbn kernels tests bench
+	$(PY) -m ruff check fastpbn kernels csrc tests bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info
