@@ -68,7 +68,10 @@ def _auto_choice(x) -> str:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastpbn", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m fastpbn",
+        description="fastpbn: precise BatchNorm statistics and fast BatchNorm kernels.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, device and backend table")
     sub.add_parser("demo", help="EMA vs precise BN on real data (report + plots)", add_help=False)
