@@ -130,13 +130,8 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
 
 def _merge_batch(acc: tuple[Tensor, Tensor, Tensor], mean_b: Tensor, var_b: Tensor,
                  n: int) -> None:
-    """Merge a batch of n values per channel (float64 mean, biased var) into acc, in place:
-    ``chan_merge_`` specialised to a whole batch (fewer small ops on the hot path)."""
-    count, mean, m2 = acc
-    delta = mean_b - mean
-    mean.addcmul_(delta, n / count.add_(n))  # count is now n_a + n_b
-    # δ²·n_a·n_b/(n_a + n_b) = δ·(mean_b − new mean)·n_b
-    m2.add_(var_b, alpha=n).addcmul_(delta, mean_b - mean, value=n)
+    """Merge a batch of n values per channel (float64 mean, biased var) into acc, in place."""
+    chan_merge_(*acc, torch.full_like(acc[0], n), mean_b, var_b * n)
 
 
 def welford_update(x: Tensor, count: Tensor, mean: Tensor, m2: Tensor) -> None:

@@ -154,15 +154,8 @@ def test_half_model_parameters_and_buffers(dtype):
     check("y", y, ys, yr, dtype)
     check("running_mean", rm_o, rm_s, rmr, dtype)
     check("running_var", rv_o, rv_s, rvr, dtype)
-    g = torch.randn_like(x)
-    dx, dw, db = K.backward(g, x, w, mean, invstd, True, (True, True, True))
-    stock = torch.ops.aten.native_batch_norm_backward(
-        g, x, w, None, None, means, invstds, True, 1e-5, [True] * 3
-    )
-    ref = grads_reference(x, w, b, None, True, g)
+    _, dw, db = check_train_backward(x, w, b, mean, invstd, means, invstds, dtype)
     assert dw.dtype == db.dtype == dtype
-    for what, ours, st_, r in zip(("dx", "dw", "db"), (dx, dw, db), stock, ref):
-        check(what, ours, st_, r, dtype, dx_scale(w, invstd, g) if what == "dx" else None)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -191,6 +184,20 @@ def grads_reference(x, w, b, stats, training, g):
     yr = batch_norm_reference(xr, rm, rv, wr, br, training, 0.0, 1e-5)[0]
     (yr * g.double()).sum().backward()
     return xr.grad, wr.grad, br.grad
+
+
+def check_train_backward(x, w, b, mean, invstd, means, invstds, dtype):
+    """Training backward of the kernels against stock and the float64 reference, for a random
+    upstream gradient; returns (g, dw, db)."""
+    g = torch.randn_like(x)
+    dx, dw, db = K.backward(g, x, w, mean, invstd, True, (True, True, True))
+    stock = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, None, None, means, invstds, True, 1e-5, [True] * 3
+    )
+    ref = grads_reference(x, w, b, None, True, g)
+    for what, ours, st_, r in zip(("dx", "dw", "db"), (dx, dw, db), stock, ref):
+        check(what, ours, st_, r, dtype, dx_scale(w, invstd, g) if what == "dx" else None)
+    return g, dw, db
 
 
 # every layout in float32; fp16 / bf16 on the three main ones (CPU time)
@@ -560,14 +567,7 @@ def test_gpu_bench_shapes(shape, dtype, channels_last):
     check("invstd", invstd, invstds, invstdr, dtype)
     check("running_mean", rm_o, rm_s, rmr, dtype)
     check("running_var", rv_o, rv_s, rvr, dtype)
-    g = torch.randn_like(x)
-    dx, dw, db = K.backward(g, x, w, mean, invstd, True, (True, True, True))
-    stock = torch.ops.aten.native_batch_norm_backward(
-        g, x, w, None, None, means, invstds, True, 1e-5, [True] * 3
-    )
-    ref = grads_reference(x, w, b, None, True, g)
-    for what, ours, st_, r in zip(("dx", "dw", "db"), (dx, dw, db), stock, ref):
-        check(what, ours, st_, r, dtype, dx_scale(w, invstd, g) if what == "dx" else None)
+    g, dw, _ = check_train_backward(x, w, b, mean, invstd, means, invstds, dtype)
     again = K.forward_train(x, w, b, None, None, None, 0.1, 1e-5, None)
     assert torch.equal(again[0], y) and torch.equal(again[1], mean)  # deterministic
     assert torch.equal(K.backward(g, x, w, mean, invstd, True, (True,) * 3)[1], dw)
