@@ -30,8 +30,8 @@ class WelfordState:
     def __init__(self, num_channels: int, device: Optional[torch.device | str] = None):
         if int(num_channels) <= 0:
             raise ValueError(f"num_channels must be positive, got {num_channels}")
-        z = torch.zeros(int(num_channels), dtype=torch.float64, device=device)
-        self.count, self.mean, self.m2 = z, z.clone(), z.clone()
+        z = torch.zeros(3, int(num_channels), dtype=torch.float64, device=device)
+        self.count, self.mean, self.m2 = z.unbind(0)
 
     @property
     def num_channels(self) -> int:
@@ -111,6 +111,17 @@ class WelfordState:
         for t in (self.count, self.mean, self.m2):
             t.zero_()
         return self
+
+    @classmethod
+    def cat(cls, states: "list[WelfordState]",
+            device: Optional[torch.device | str] = None) -> "WelfordState":
+        """The channels of ``states`` side by side, in order, as one new state (on ``device``,
+        default the first state's): lets per-layer results be computed in one go."""
+        device = states[0].device if device is None else device
+        new = cls.__new__(cls)
+        new.count, new.mean, new.m2 = (torch.cat([getattr(s, f).to(device) for s in states])
+                                       for f in ("count", "mean", "m2"))
+        return new
 
     def clone(self) -> "WelfordState":
         new = WelfordState.__new__(WelfordState)

@@ -602,26 +602,27 @@ def test_cpu_population_pass_merges_once_per_forward_and_matches_per_call_mergin
 
 
 def test_cpu_pass_keeps_the_shift_only_where_the_mean_dwarfs_the_std():
-    """The CPU fast path drops the pivot shift after the first batch for layers with small
-    |mean|/std, keeps it for a layer at |mean|/std = 1e4, and both stay exact."""
+    """On small activations (PyTorch's kernel) the CPU fast path runs a layer unshifted after
+    its first call shows small |mean|/std, keeps the shift for a layer at |mean|/std = 1e4,
+    and both stay exact."""
     from fastpbn.precise import _batched
 
     torch.manual_seed(37)
     model = nn.Sequential(nn.BatchNorm2d(2), nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3))
     batches = [torch.randn(16, 2, 6, 6) + 1e4 for _ in range(4)]
-    decided = []
-    original = _batched.FlatStats._decide_shift
+    seen = []
+    original = _batched.FlatStats.__init__
 
-    def spy(self):
-        original(self)
-        decided.append(list(self.shift))
+    def spy(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        seen.append(self)
 
-    _batched.FlatStats._decide_shift = spy
+    _batched.FlatStats.__init__ = spy
     try:
         stats = recompute_bn_stats(model, batches)
     finally:
-        _batched.FlatStats._decide_shift = original
-    assert decided == [[True, False]]
+        _batched.FlatStats.__init__ = original
+    assert [f.shift for f in seen] == [[True, False]]
     truth = ground_truth(model, batches)
     assert_close_to_truth({"0": stats["0"]}, {"0": truth["0"]}, rtol=1e-6)
     # layer 2 sees layer 0's output: the stock forward behind the truth normalizes data at

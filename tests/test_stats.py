@@ -130,3 +130,41 @@ def test_accumulating_forward_updates_running_stats_like_stock(backend):
     torch.testing.assert_close(ours.running_mean, stock.running_mean, rtol=1e-6, atol=1e-5)
     torch.testing.assert_close(ours.running_var, stock.running_var, rtol=1e-5, atol=1e-6)
     assert_matches_all_data(ours.accumulator, batches)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "small_hw", "strided", "1d_len",
+                                    "3d", "float64"])
+@pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e4, 1.0), (-3e3, 0.01)])
+def test_large_cpu_inputs_take_the_exact_centred_path(layout, mean, std):
+    """CPU tensors of >= 32K values are reduced in vectorized centred passes instead of
+    PyTorch's kernel: statistics and normalization still match float64, far from zero too."""
+    from fastpbn import _torch_ops
+    from fastpbn.reference import batch_norm_reference
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"nchw": (8, 16, 16, 16), "channels_last": (8, 16, 16, 16),
+              "small_hw": (64, 32, 4, 4), "strided": (8, 16, 16, 32), "1d_len": (16, 32, 64),
+              "3d": (4, 8, 4, 16, 16), "float64": (8, 16, 16, 16)}
+    x = torch.randn(*shapes[layout], generator=g) * std + mean
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    elif layout == "strided":
+        x = x[..., ::2]
+    elif layout == "float64":
+        x = x.double()
+    assert _torch_ops._centred_ok(x)
+    c = x.shape[1]
+    weight = torch.rand(c, generator=g, dtype=x.dtype) + 0.5
+    bias = torch.randn(c, generator=g, dtype=x.dtype)
+    pivot, mean_s, var = torch.empty(3, c, dtype=x.dtype)
+    y = _torch_ops.batch_norm_train(x, weight, bias, 1e-5, pivot, mean_s, var)
+    rmean, rvar, n = batch_stats_reference(x)
+    got_mean, got_var = _torch_ops.moments64(pivot, mean_s, var)
+    tol = 1e-12 if x.dtype == torch.float64 else 1e-6
+    torch.testing.assert_close(got_mean, rmean, rtol=0, atol=tol * 10 * rvar.sqrt().max())
+    torch.testing.assert_close(got_var, rvar, rtol=tol, atol=0)
+    y_ref = batch_norm_reference(x, None, None, weight, bias, training=True, eps=1e-5)[0]
+    assert y.dtype == x.dtype and y.shape == x.shape
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=tol * 10)
+    state = WelfordState(c).update(x)  # the same path behind the torch backend's update
+    torch.testing.assert_close(state.var(False), rvar, rtol=tol, atol=0)

@@ -3,23 +3,25 @@
 On the GPU a layer merges each batch into its float64 state inside its statistics kernel. On
 the CPU (the ``torch`` backend) that merge is a dozen tiny tensor operations per layer and
 call, which costs more than the statistics themselves on small activations. Here each
-selected layer's forward only normalizes (PyTorch's kernel on pivot-shifted data, see
-``_torch_ops.normalize_shifted``) and leaves (pivot, shifted mean, invstd) in float32 slots of
-flat staging vectors; after the forward, :meth:`FlatStats.flush` merges every layer's batch
-into the flat float64 (count, mean, M2) with one vectorized Chan merge. The layers'
-``WelfordState``\\ s are views of those flat vectors, so everything downstream is unchanged.
-A layer called twice in one forward flushes before its second call: every call counts.
+selected layer's forward only normalizes (``_torch_ops.batch_norm_train``: exact at any
+|mean|/std) and leaves (pivot, mean about the pivot, biased variance) in slots of flat staging
+vectors; after the forward, :meth:`FlatStats.flush` merges every layer's batch into the flat
+float64 (count, mean, M2) with one vectorized Chan merge. The layers' ``WelfordState``\\ s are
+views of those flat vectors, so everything downstream is unchanged. A layer called twice in
+one forward flushes before its second call: every call counts.
 
-The shift by a sample of each channel (one more read and write of the input) is what keeps
-the statistics exact when |mean| ≫ std. After the first batch (one host synchronization) a
-float32 layer whose channels all have |mean|/std < ``UNSHIFTED_RATIO`` drops it: its mean is
-then exact to one float32 rounding, below 3e-7 of its std, and its pooled variance is unchanged
-to ~1e-7.
+PyTorch's kernel, which serves small activations, is run on data shifted by a sample of each
+channel only where a layer's first call shows a channel at |mean|/std >= 5: elsewhere its mean
+is exact to one float32 rounding, below 3e-7 of the std (``_torch_ops.mean_dwarfs_std``).
+
+The layers' call counting (``CallTracker``) happens inside these forwards: no module hook, so
+PyTorch calls them on its hook-free fast path.
 """
 
 from __future__ import annotations
 
 import types
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
@@ -28,54 +30,57 @@ from .. import _torch_ops
 from ..ops import _verify_batch_size
 from ..stats import WelfordState
 
-UNSHIFTED_RATIO = 5.0
-
 
 class FlatStats:
-    """Staging and float64 state for ``layers`` (all on one CPU device)."""
+    """Staging and float64 state for ``layers`` (all on one CPU device); ``tracker.called(i)``
+    is told of each call of layer ``i`` (its index in the pass)."""
 
-    def __init__(self, layers: list[nn.Module], states: list[WelfordState]):
+    def __init__(self, layers: list[nn.Module], states: list[WelfordState], tracker=None):
         sizes = [m.num_features for m in layers]
         total, device = sum(sizes), states[0].device
         self.count, self.mean, self.m2 = torch.zeros(3, total, dtype=torch.float64,
                                                      device=device)
-        self.pivot, self.mean_s = torch.zeros(2, total, device=device)
-        self.invstd = torch.ones(total, device=device)  # finite even in slots never filled
-        self.eps = torch.tensor([m.eps for m in layers], dtype=torch.float64,
-                                device=device).repeat_interleave(torch.tensor(sizes))
+        # float32 staging; var 0 (not garbage) in slots never filled
+        self.pivot, self.mean_s, self.var = torch.zeros(3, total, device=device)
         self.sizes = torch.tensor(sizes)
-        self.slices, start = [], 0
-        for c, state in zip(sizes, states):
-            sl = slice(start, start + c)
-            self.slices.append(sl)
-            state.count, state.mean, state.m2 = self.count[sl], self.mean[sl], self.m2[sl]
-            start += c
+        for state, count, mean, m2 in zip(states, *(t.split(sizes) for t in
+                                                    (self.count, self.mean, self.m2))):
+            state.count, state.mean, state.m2 = count, mean, m2
+        self.staging = list(zip(*(t.split(sizes) for t in (self.pivot, self.mean_s, self.var))))
         self.n = [0] * len(layers)  # values per channel of each slot's pending batch (0: none)
-        self.shift = [True] * len(layers)  # decided after the first flush
-        self.decided = False
+        # whether a slot's input needs the pivot shift (small tensors; decided on its 1st call)
+        self.shift: list[Optional[bool]] = [None] * len(layers)
+        self.tracker = tracker
 
-    def forward_for(self, layer: nn.Module, i: int):
-        """A ``forward`` for ``layer`` (slot ``i``): batch statistics normalize, the batch is
-        staged for the next flush. Same input checks and errors as the layer's own forward."""
-        sl = self.slices[i]
-        pivot, mean_s, invstd = self.pivot[sl], self.mean_s[sl], self.invstd[sl]
+    def forward_for(self, layer: nn.Module, slot: int, track: int):
+        """A ``forward`` for ``layer`` (slot ``slot``; layer ``track`` of the call tracker):
+        batch statistics normalize, the batch is staged for the next flush. Same input checks
+        and errors as the layer's own forward."""
+        pivot, mean_s, var = self.staging[slot]
+        tracker = self.tracker
 
         def forward(module, x: Tensor) -> Tensor:
+            if tracker is not None:
+                tracker.called(track)
             module._check_input_dim(x)
             if x.shape[1] != module.num_features:
                 raise RuntimeError(f"running_mean should contain {x.shape[1]} elements not "
                                    f"{module.num_features}")
             _verify_batch_size(x)
-            if self.n[i]:
+            if self.n[slot]:
                 self.flush()
-            if self.shift[i] or x.dtype != torch.float32:
-                y = _torch_ops.normalize_shifted(x, module.weight, module.bias, module.eps,
-                                                 pivot, mean_s, invstd)
-            else:
-                pivot.zero_()
-                y = _torch_ops.normalize_unshifted(x, module.weight, module.bias, module.eps,
-                                                   mean_s, invstd)
-            self.n[i] = x.numel() // x.shape[1]
+            if x.dtype == torch.float64:  # as PyTorch's own CPU kernel
+                raise RuntimeError(f"{type(module).__name__}: float64 input to a float32 layer "
+                                   "(convert the model with .double())")
+            shift = self.shift[slot]
+            y = _torch_ops.batch_norm_train(x, module.weight, module.bias, module.eps, pivot,
+                                            mean_s, var, shift=bool(shift))
+            if shift is None:  # first call: keep the unshifted result if it is exact
+                shift = self.shift[slot] = _torch_ops.mean_dwarfs_std(pivot, mean_s, var)
+                if shift:
+                    y = _torch_ops.batch_norm_train(x, module.weight, module.bias, module.eps,
+                                                    pivot, mean_s, var)
+            self.n[slot] = x.numel() // x.shape[1]
             return y
 
         return types.MethodType(forward, layer)
@@ -86,17 +91,6 @@ class FlatStats:
         if not any(self.n):
             return
         n = torch.tensor(self.n, dtype=torch.float64).repeat_interleave(self.sizes)
-        mean_b, var_b = _torch_ops.shifted_moments(self.pivot, self.mean_s, self.invstd, self.eps)
+        mean_b, var_b = _torch_ops.moments64(self.pivot, self.mean_s, self.var)
         _torch_ops.chan_merge_(self.count, self.mean, self.m2, n, mean_b, var_b.mul_(n))
         self.n = [0] * len(self.n)
-        if not self.decided:
-            self._decide_shift()
-
-    def _decide_shift(self) -> None:
-        """Keep the shift only for layers with a channel at |mean|/std >= UNSHIFTED_RATIO (or
-        not yet seen, or non-finite): one host synchronization, once per pass."""
-        self.decided = True
-        ratio = self.mean.abs() / (self.m2 / self.count.clamp_min(1)).sqrt()
-        ratio = torch.where(self.count > 0, ratio, torch.inf).nan_to_num(nan=torch.inf)
-        worst = torch.stack([r.max() for r in ratio.split(self.sizes.tolist())]).tolist()
-        self.shift = [not (w < UNSHIFTED_RATIO) for w in worst]

@@ -212,18 +212,21 @@ class PassState:
 
     def install(self, accs: list[LayerAccumulator], tracker: CallTracker) -> None:
         """Route every selected layer's batches into its accumulator."""
-        for m, _ in self.forwards:
-            if type(m) in BORROW_TYPES:
-                m.forward = types.MethodType(FastPreciseBN2d.forward, m)
         flat = [i for i, ((_, m), acc) in enumerate(zip(self.layers, accs))
                 if _flat_eligible(m, acc)] if _cpu_backend_is_torch() else []
         if flat:
-            self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i].total for i in flat])
+            self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i].total for i in flat],
+                                  tracker)
             for slot, i in enumerate(flat):
                 m = self.layers[i][1]
-                m.forward = self.flat.forward_for(m, slot)
+                m.forward = self.flat.forward_for(m, slot, i)
+        served = set(flat)
         for i, ((name, m), acc) in enumerate(zip(self.layers, accs)):
+            if i in served:  # the FlatStats forward counts the call: no hook
+                continue
             fast = isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
+            if type(m) in BORROW_TYPES:
+                m.forward = types.MethodType(FastPreciseBN2d.forward, m)
             if fast:
                 m.accumulator = acc.target
             self.handles.append(m.register_forward_pre_hook(

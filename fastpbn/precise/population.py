@@ -42,8 +42,7 @@ class PopulationStats(Mapping):
                  batch_size: Optional[int] = None, converged: Optional[bool] = None):
         self._layers: dict[str, LayerStats] = {}
         for name, value in layers.items():
-            mean, var, count = (torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
-                                for v in value)
+            mean, var, count = (_cpu_f64(v) for v in value)
             if not (mean.numel() == var.numel() == count.numel()):
                 raise ValueError(f"layer {name!r}: mean, var and count differ in length")
             self._layers[name] = LayerStats(mean, var, count)
@@ -80,17 +79,17 @@ class PopulationStats(Mapping):
         return "\n".join(lines)
 
     def _layer(self, model: nn.Module, name: str) -> nn.Module:
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"model has no layer {name!r}") from None
+        m = model
+        for part in name.split(".") if name else ():  # get_submodule, minus its overhead
+            m = m._modules.get(part) if isinstance(m, nn.Module) else None
+        if not isinstance(m, nn.Module):
+            raise ValueError(f"model has no layer {name!r}")
         if not has_running_stats(m):
             raise ValueError(f"layer {name!r} ({type(m).__name__}) has no running statistics")
         c = self._layers[name].mean.numel()
-        if m.running_mean.numel() != c or m.running_var.numel() != c:
-            raise ValueError(
-                f"layer {name!r} has {m.running_mean.numel()} channels, these stats have {c}"
-            )
+        rm, rv = m.running_mean, m.running_var
+        if rm.numel() != c or rv.numel() != c:
+            raise ValueError(f"layer {name!r} has {rm.numel()} channels, these stats have {c}")
         return m
 
     @torch.no_grad()
@@ -150,7 +149,8 @@ class PopulationStats(Mapping):
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Save to ``path``: safetensors when installed, else ``torch.save`` (tensors and
         strings only, so :meth:`load` can use ``weights_only=True``)."""
-        tensors = {f"{name}.{f}": getattr(s, f).contiguous()
+        # own copies: layers' tensors may be views of one buffer (safetensors refuses those)
+        tensors = {f"{name}.{f}": getattr(s, f).clone(memory_format=torch.contiguous_format)
                    for name, s in self._layers.items() for f in _FIELDS}
         try:
             from safetensors.torch import save_file
@@ -181,6 +181,14 @@ class PopulationStats(Mapping):
                    num_batches=int(meta["num_batches"]),
                    batch_size=json.loads(meta["batch_size"]),
                    converged=json.loads(meta["converged"]))
+
+
+def _cpu_f64(v: Any) -> Tensor:
+    """``v`` as a flat float64 CPU tensor without autograd history (itself when it is one)."""
+    if not (isinstance(v, Tensor) and v.dtype == torch.float64 and v.dim() == 1
+            and v.device.type == "cpu" and not v.requires_grad):
+        v = torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
+    return v
 
 
 def _ratio(err: Tensor, scale: Tensor) -> Tensor:

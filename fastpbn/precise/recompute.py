@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Optional
 import torch
 from torch import nn
 
+from ..stats import WelfordState
 from ._collect import CallTracker, LayerAccumulator, LayerSelection, PassState, select_layers
 from ._data import default_input, host_batches, on_device, regroup
 from ._forward import Forward
@@ -237,21 +238,28 @@ def _check_run(run, accs, num_samples, num_batches, tol, group, distributed):
 
 
 def _estimates(accs, estimator) -> dict:
-    out = {acc.name: tuple(t.to("cpu", torch.float64) for t in acc.estimate(estimator))
-           for acc in accs}
-    # one check over all layers; names only when something is wrong
-    counts, values = zip(*(((c > 0).all(), torch.isfinite(m).all() & torch.isfinite(v).all())
-                           for m, v, c in out.values()))
-    if not bool(torch.stack(counts).all()):
-        never = [n for n, (_, _, c) in out.items() if not bool((c > 0).all())]
+    """name -> (mean, var, count), float64 on the CPU, computed and checked for all layers at
+    once (names only when something is wrong)."""
+    names = [acc.name for acc in accs]
+    sizes = [acc.total.num_channels for acc in accs]
+    if estimator == "population":
+        total = WelfordState.cat([acc.total for acc in accs], "cpu")
+        mean, var, count = total.mean, total.var(unbiased=True), total.count
+    else:
+        parts = [acc.estimate(estimator) for acc in accs]
+        mean, var, count = (torch.cat([p[k].to("cpu", torch.float64) for p in parts])
+                            for k in range(3))
+    ran = count > 0
+    if not bool(ran.all()):
+        never = [n for n, r in zip(names, ran.split(sizes)) if not bool(r.all())]
         raise RuntimeError(f"BN layer(s) {never} never ran during the pass (not reached by "
                            "the forward?); select only layers the forward uses")
-    if not bool(torch.stack(values).all()):
-        bad = [n for n, (m, v, _) in out.items()
-               if not bool(torch.isfinite(m).all() and torch.isfinite(v).all())]
+    finite = torch.isfinite(mean) & torch.isfinite(var)
+    if not bool(finite.all()):
+        bad = [n for n, f in zip(names, finite.split(sizes)) if not bool(f.all())]
         raise ValueError(f"non-finite statistics (NaN/Inf) in BN layer(s) {bad}; the model is "
                          "unchanged")
-    return out
+    return dict(zip(names, zip(mean.split(sizes), var.split(sizes), count.split(sizes))))
 
 
 def _check_args(model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every,
