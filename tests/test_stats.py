@@ -135,9 +135,10 @@ def test_accumulating_forward_updates_running_stats_like_stock(backend):
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "small_hw", "strided", "1d_len",
                                     "3d", "float64"])
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e4, 1.0), (-3e3, 0.01)])
-def test_large_cpu_inputs_take_the_exact_centred_path(layout, mean, std):
-    """CPU tensors of >= 32K values are reduced in vectorized centred passes instead of
-    PyTorch's kernel: statistics and normalization still match float64, far from zero too."""
+def test_large_cpu_inputs_are_exact_on_either_path(layout, mean, std):
+    """Contiguous CPU tensors of >= 32K values are reduced in vectorized centred passes
+    instead of PyTorch's kernel (other layouts: its kernel on pivot-shifted data): statistics
+    and normalization match float64 either way, far from zero too."""
     from fastpbn import _torch_ops
     from fastpbn.reference import batch_norm_reference
 
@@ -152,7 +153,8 @@ def test_large_cpu_inputs_take_the_exact_centred_path(layout, mean, std):
         x = x[..., ::2]
     elif layout == "float64":
         x = x.double()
-    assert _torch_ops._centred_ok(x)
+    centred = layout not in ("channels_last", "strided")
+    assert _torch_ops._centred_ok(x) == centred
     c = x.shape[1]
     weight = torch.rand(c, generator=g, dtype=x.dtype) + 0.5
     bias = torch.randn(c, generator=g, dtype=x.dtype)
@@ -160,7 +162,9 @@ def test_large_cpu_inputs_take_the_exact_centred_path(layout, mean, std):
     y = _torch_ops.batch_norm_train(x, weight, bias, 1e-5, pivot, mean_s, var)
     rmean, rvar, n = batch_stats_reference(x)
     got_mean, got_var = _torch_ops.moments64(pivot, mean_s, var)
-    tol = 1e-12 if x.dtype == torch.float64 else 1e-6
+    # PyTorch's channels_last kernel accumulates in float32: ~1e-6 where the centred path has
+    # ~2e-7 (the shift keeps both independent of |mean|/std)
+    tol = 1e-12 if x.dtype == torch.float64 else 1e-6 if centred else 5e-6
     torch.testing.assert_close(got_mean, rmean, rtol=0, atol=tol * 10 * rvar.sqrt().max())
     torch.testing.assert_close(got_var, rvar, rtol=tol, atol=0)
     y_ref = batch_norm_reference(x, None, None, weight, bias, training=True, eps=1e-5)[0]
