@@ -70,6 +70,15 @@ def _scratch_like(x: Tensor, which: int = 0) -> Tensor:
 CENTRED_MIN_NUMEL = 1 << 15
 
 
+def _empty(x: Tensor) -> Tensor:
+    """A size-0 tensor for the eval kernel's unused outputs (one per thread and dtype)."""
+    cache = _local.__dict__.setdefault("empty", {})
+    t = cache.get(x.dtype)
+    if t is None:
+        t = cache[x.dtype] = torch.empty(0, dtype=x.dtype, device="cpu")
+    return t
+
+
 def _centred_ok(x: Tensor) -> bool:
     """Large contiguous (N, C, ...) CPU float tensors with 8 or more values per sample and
     channel. Measured: below these sizes PyTorch's one fused kernel call is faster, and its
@@ -98,23 +107,37 @@ def batch_norm_train(
     float64 x). Exact at any |mean|/std: every statistic is taken on data centred near the
     mean, never as E[x²] − E[x]².
 
-    Large CPU float tensors: a centred two-pass computation in vectorized PyTorch passes,
-    ~2–3x faster than PyTorch's CPU training kernel. K is the mean from a first pass; d = x − K;
-    mean_s = mean(d) and var = mean(d²) − mean_s² (the corrected two-pass algorithm: mean_s is
-    only K's rounding error, so nothing cancels); y = (d − mean_s)·w/sqrt(var + eps) + b by
-    PyTorch's eval kernel on d. Everything else: PyTorch's training kernel (two-pass; float64
-    accumulation on CPU) run on x − K with K a sample of each channel, var from its invstd.
-    ``shift=False`` runs that kernel on x itself (K = 0): faster on small tensors, and as
-    exact only where |mean|/std is small (see :func:`mean_dwarfs_std`).
+    Large contiguous CPU float tensors: a centred two-pass computation in vectorized PyTorch
+    passes, ~2–3x faster than PyTorch's NCHW CPU training kernel. K is the mean from a first
+    pass; d = x − K; mean_s = mean(d) and var = mean(d²) − mean_s² (the corrected two-pass
+    algorithm: mean_s is only K's rounding error, so nothing cancels); y = (d − mean_s)·w/
+    sqrt(var + eps) + b by PyTorch's eval kernel on d. Everything else: PyTorch's training
+    kernel (two-pass; float64 accumulation on CPU for NCHW) run on x − K with K a sample of
+    each channel, var from its invstd.
+
+    ``shift=False`` is for data whose |mean|/std is known to be small (see
+    :func:`mean_dwarfs_std`), where K's rounding is below 3e-7 of the std: the large-tensor
+    path skips the correction pass and d (var = mean((x − K)²), y from x); on contiguous x the
+    other one runs PyTorch's kernel on x itself (K = 0; its NCHW kernel accumulates in float64,
+    its channels_last one in float32, so those stay shifted). Fewer passes, same accuracy.
     """
     if _centred_ok(x):
         _channel_mean(x, pivot)
-        d = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))
-        _channel_mean(d, mean_s)
-        _channel_mean(torch.mul(d, d, out=_scratch_like(x, 1)), var).addcmul_(mean_s, mean_s,
-                                                                              value=-1)
-        return torch.batch_norm(d, weight, bias, mean_s, var, False, 0.0, eps, False)
-    if shift:
+        y = torch.empty_like(x)  # first holds the squared deviations
+        if shift:
+            src = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))  # d
+            centre = _channel_mean(src, mean_s)
+            _channel_mean(torch.mul(src, src, out=y), var).addcmul_(mean_s, mean_s, value=-1)
+        else:  # K's rounding is negligible against the std: no correction pass, no d
+            src, centre = x, pivot
+            mean_s.zero_()
+            _channel_mean(torch.sub(x, _channel_view(pivot, x), out=y).square_(), var)
+        empty = _empty(x)
+        return torch.ops.aten.native_batch_norm.out(
+            src, weight, bias, centre, var, False, 0.0, eps,
+            out=y, save_mean=empty, save_invstd=empty,
+        )[0]
+    if shift or not x.is_contiguous():  # other layouts' kernel accumulates in float32
         pivot.copy_(x[(0, slice(None)) + (0,) * (x.dim() - 2)])
         d = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))
     else:

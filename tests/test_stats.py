@@ -172,3 +172,31 @@ def test_large_cpu_inputs_are_exact_on_either_path(layout, mean, std):
     torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=tol * 10)
     state = WelfordState(c).update(x)  # the same path behind the torch backend's update
     torch.testing.assert_close(state.var(False), rvar, rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 16, 16), (4, 6, 5, 5), (8, 16, 16, 16, 1)])
+def test_unshifted_path_is_exact_where_the_mean_is_small(shape):
+    """``shift=False`` (what a recompute pass uses once a layer showed |mean|/std < 5) skips
+    the correction pass (large tensors) or the shift (small ones) and stays exact there."""
+    from fastpbn import _torch_ops
+    from fastpbn.reference import batch_norm_reference
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(*shape[:4], generator=g) * 2.0 + 6.0  # |mean|/std = 3
+    if len(shape) == 5:
+        x = x.to(memory_format=torch.channels_last)  # stays shifted: float32 kernel
+    c = x.shape[1]
+    weight, bias = torch.rand(c, generator=g) + 0.5, torch.randn(c, generator=g)
+    pivot, mean_s, var = torch.empty(3, c)
+    y = _torch_ops.batch_norm_train(x, weight, bias, 1e-5, pivot, mean_s, var, shift=False)
+    assert not _torch_ops.mean_dwarfs_std(pivot, mean_s, var)
+    rmean, rvar, _ = batch_stats_reference(x)
+    got_mean, got_var = _torch_ops.moments64(pivot, mean_s, var)
+    tol = 1e-6 if x.is_contiguous() else 1e-5  # PyTorch's channels_last kernel: float32 sums
+    torch.testing.assert_close(got_mean, rmean, rtol=0, atol=tol * rvar.sqrt().max())
+    torch.testing.assert_close(got_var, rvar, rtol=5 * tol, atol=0)
+    y_ref = batch_norm_reference(x, None, None, weight, bias, training=True, eps=1e-5)[0]
+    torch.testing.assert_close(y.double(), y_ref, rtol=0, atol=1e-5)
+    # far from zero the same call must be redone shifted, and the check says so
+    _torch_ops.batch_norm_train(x + 1e4, weight, bias, 1e-5, pivot, mean_s, var, shift=False)
+    assert _torch_ops.mean_dwarfs_std(pivot, mean_s, var)
