@@ -51,8 +51,9 @@ class Setup:
 
 def setups(preset: str, device: torch.device) -> list[Setup]:
     """The models of a preset. ``full``: ResNet-50 (torchvision when installed, else the local
-    definition) at 224² and the small CNN at batch 8; ``quick``: a reduced-width ResNet-50 at
-    64² and the small CNN; ``tiny``: the smallest models that still exercise every method.
+    definition) at 224² and the small CNN at batch 8; ``quick``: a reduced-width ResNet-50 and
+    a small ResNet at 64², and the small CNN; ``tiny``: the smallest models that still exercise
+    every method.
     Every preset ends with a stress row: a BN layer on raw inputs with |mean|/std = 1e4, where
     float32 E[x²] − E[x]² (fvcore) breaks down."""
     stress = Setup("input_bn+small_cnn", _input_bn_cnn, 8, (3, 16, 16), 16,
@@ -63,6 +64,8 @@ def setups(preset: str, device: torch.device) -> list[Setup]:
                 stress]
     if preset == "quick":
         return [Setup("resnet50-w16", lambda: models.resnet50(10, width=16), 16, (3, 64, 64), 4),
+                Setup("small_resnet-w16", lambda: models.small_resnet(10, width=16), 32,
+                      (3, 64, 64), 4),
                 Setup("small_cnn", lambda: models.SmallCNN(3, 10, 16), 8, (3, 32, 32), 32),
                 stress]
     if preset == "tiny":
