@@ -59,7 +59,8 @@ def _scratch_like(x: Tensor, which: int = 0) -> Tensor:
     key = (which, dtype)
     buf = scratch.get(key)
     if buf is None or buf.numel() < need:
-        buf = scratch[key] = torch.empty(need, dtype=dtype, device="cpu")
+        with torch.inference_mode(False):  # usable in and out of inference mode
+            buf = scratch[key] = torch.empty(need, dtype=dtype, device="cpu")
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
     return buf[:need].view(x.shape)
@@ -75,7 +76,8 @@ def _empty(x: Tensor) -> Tensor:
     cache = _local.__dict__.setdefault("empty", {})
     t = cache.get(x.dtype)
     if t is None:
-        t = cache[x.dtype] = torch.empty(0, dtype=x.dtype, device="cpu")
+        with torch.inference_mode(False):
+            t = cache[x.dtype] = torch.empty(0, dtype=x.dtype, device="cpu")
     return t
 
 

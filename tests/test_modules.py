@@ -146,6 +146,21 @@ def test_large_cpu_training_steps(channels_last, momentum):
     check_step(stock, ours, shifted(8, 16, 16, 16, channels_last=channels_last), "sum")
 
 
+def test_inference_mode_then_normal_mode():
+    """Buffers the torch backend reuses across calls (CPU scratch) must not become inference
+    tensors: a training forward under ``torch.inference_mode`` and then outside it both work."""
+    import fastpbn
+
+    fastpbn.set_backend("torch")
+    _, ours = make_pair(2, 16)
+    x = shifted(8, 16, 16, 16)  # large enough for the centred CPU path (scratch buffers)
+    with torch.inference_mode():
+        y_inf = ours(x)
+    y = ours(x)
+    assert_close(y, y_inf, 0, "same output in and out of inference mode")
+    assert int(ours.num_batches_tracked) == 2
+
+
 def test_non_contiguous_input(backend):
     stock, ours = make_pair(2, 3)
     x = shifted(4, 6, 5, 8)[:, ::2, :, 1:7]  # strided channels and a cropped width
