@@ -3,7 +3,8 @@
 
 fastpbn against stock PyTorch on the same tensors, grouped so that each table compares like
 with like. Not collected by the test suite (testpaths = tests). On CPU fastpbn runs its
-``torch`` backend: these numbers measure fastpbn's dispatch overhead, not the Triton kernels.
+``torch`` backend (PyTorch ops behind fastpbn's dispatch): these numbers do not measure the
+Triton kernels.
 """
 
 import copy

@@ -92,8 +92,9 @@ def write_markdown(result: dict, out_dir: str) -> str:
     lines = [f"# fastpbn benchmark — {result['device']}", ""]
     if cpu:
         lines += ["**CPU results.** These are not GPU numbers: on CPU fastpbn runs its `torch` "
-                  "backend (PyTorch's own kernels behind fastpbn's dispatch), so the kernel rows "
-                  "measure dispatch overhead, not the Triton kernels.", ""]
+                  "backend (PyTorch ops: its CPU batch-norm kernels, or centred vectorized "
+                  "passes for large contiguous activations, behind fastpbn's dispatch), so the "
+                  "kernel rows do not measure the Triton kernels.", ""]
     lines += [f"- date: {result['date']}", f"- torch {result['torch']}, triton "
               f"{result['triton']}, CUDA {result['cuda']}", f"- preset: {result['preset']}, "
               f"wall time {result['runtime_s']:.0f} s",
