@@ -10,9 +10,11 @@ float64 (count, mean, M2) with one vectorized Chan merge. The layers' ``WelfordS
 views of those flat vectors, so everything downstream is unchanged. A layer called twice in
 one forward flushes before its second call: every call counts.
 
-PyTorch's kernel, which serves small activations, is run on data shifted by a sample of each
-channel only where a layer's first call shows a channel at |mean|/std >= 5: elsewhere its mean
-is exact to one float32 rounding, below 3e-7 of the std (``_torch_ops.mean_dwarfs_std``).
+A layer's first call runs ``batch_norm_train`` with ``shift=False`` (large activations: no
+correction pass and no centred copy; small ones: PyTorch's kernel on x itself). If every
+channel shows |mean|/std < 5 the layer keeps that for the pass -- a float32 mean is then exact
+to 3e-7 of the std (``_torch_ops.mean_dwarfs_std``) -- otherwise the call is redone shifted
+and the layer stays shifted.
 
 The layers' call counting (``CallTracker``) happens inside these forwards: no module hook, so
 PyTorch calls them on its hook-free fast path.
@@ -72,7 +74,7 @@ class FlatStats:
             if x.dtype == torch.float64:  # as PyTorch's own CPU kernel
                 raise RuntimeError(f"{type(module).__name__}: float64 input to a float32 layer "
                                    "(convert the model with .double())")
-            shift = self.shift[slot]
+            shift = self.shift[slot]  # None until the first call has decided
             y = _torch_ops.batch_norm_train(x, module.weight, module.bias, module.eps, pivot,
                                             mean_s, var, shift=bool(shift))
             if shift is None:  # first call: keep the unshifted result if it is exact
