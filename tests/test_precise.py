@@ -444,6 +444,16 @@ def test_nonfinite_data_raises_naming_layer_and_changes_nothing():
     assert_unchanged(model, snap)
 
 
+def test_wrong_dtype_raises_naming_layer_and_changes_nothing():
+    """float64 data into a float32 model: the pass stops at the first BN layer, names it, and
+    leaves the model as it was (stock BN raises a bare "mixed dtype" error there)."""
+    model = nn.Sequential(nn.BatchNorm2d(1), cnn(19))
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="'0'.*float64"):
+        recompute_bn_stats(model, [shifted(32, 1, 8, 8).double()])
+    assert_unchanged(model, snap)
+
+
 def test_empty_data_no_bn_never_ran_and_bad_arguments():
     model = cnn(19)
     snap = snapshot(model)

@@ -54,10 +54,10 @@ class FlatStats:
         self.shift: list[Optional[bool]] = [None] * len(layers)
         self.tracker = tracker
 
-    def forward_for(self, layer: nn.Module, slot: int, track: int):
-        """A ``forward`` for ``layer`` (slot ``slot``; layer ``track`` of the call tracker):
-        batch statistics normalize, the batch is staged for the next flush. Same input checks
-        and errors as the layer's own forward."""
+    def forward_for(self, layer: nn.Module, slot: int, track: int, name: str = ""):
+        """A ``forward`` for ``layer`` (slot ``slot``; layer ``track`` of the call tracker;
+        ``name`` for errors): batch statistics normalize, the batch is staged for the next
+        flush. Same input checks and errors as the layer's own forward."""
         pivot, mean_s, var = self.staging[slot]
         tracker = self.tracker
 
@@ -72,8 +72,8 @@ class FlatStats:
             if self.n[slot]:
                 self.flush()
             if x.dtype == torch.float64:  # as PyTorch's own CPU kernel
-                raise RuntimeError(f"{type(module).__name__}: float64 input to a float32 layer "
-                                   "(convert the model with .double())")
+                raise RuntimeError(f"BN layer {name!r} ({type(module).__name__}): float64 input "
+                                   "to a float32 layer (convert the model with .double())")
             shift = self.shift[slot]  # None until the first call has decided
             y = _torch_ops.batch_norm_train(x, module.weight, module.bias, module.eps, pivot,
                                             mean_s, var, shift=bool(shift))

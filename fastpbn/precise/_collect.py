@@ -219,7 +219,7 @@ class PassState:
                                   tracker)
             for slot, i in enumerate(flat):
                 m = self.layers[i][1]
-                m.forward = self.flat.forward_for(m, slot, i)
+                m.forward = self.flat.forward_for(m, slot, i, self.layers[i][0])
         served = set(flat)
         for i, ((name, m), acc) in enumerate(zip(self.layers, accs)):
             if i in served:  # the FlatStats forward counts the call: no hook
