@@ -47,20 +47,18 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _scratch_like(x: Tensor, which: int = 0) -> Tensor:
-    """An uninitialised float32 (float64 for float64 x) tensor laid out like empty_like(x);
-    ``which`` picks one of this thread's buffers (so two can be live at once)."""
+def _scratch_like(x: Tensor) -> Tensor:
+    """An uninitialised float32 (float64 for float64 x) tensor laid out like empty_like(x)."""
     need, dtype = x.numel(), _work_dtype(x)
     # CUDA's caching allocator already recycles memory (and a shared buffer would race across
     # streams): the scratch is for CPU only
     if x.device.type != "cpu" or need * (8 if dtype == torch.float64 else 4) > _SCRATCH_MAX_BYTES:
         return torch.empty_like(x, dtype=dtype)
     scratch = _local.__dict__.setdefault("scratch", {})
-    key = (which, dtype)
-    buf = scratch.get(key)
+    buf = scratch.get(dtype)
     if buf is None or buf.numel() < need:
         with torch.inference_mode(False):  # usable in and out of inference mode
-            buf = scratch[key] = torch.empty(need, dtype=dtype, device="cpu")
+            buf = scratch[dtype] = torch.empty(need, dtype=dtype, device="cpu")
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
     return buf[:need].view(x.shape)
