@@ -12,6 +12,7 @@ backends import their kernels on first use.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from typing import Optional
@@ -83,7 +84,7 @@ class TritonBackend(Backend):
 
     def not_supported_reasons(self, x: Tensor) -> list[str]:
         reasons = _common_reasons(x)
-        if importlib.util.find_spec("triton") is None:
+        if not _triton_installed():
             reasons.append("triton is not installed (pip install 'fastpbn[triton]')")
         interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
         if x.device.type == "cpu" and not interpret:
@@ -118,6 +119,13 @@ class CudaBackend(Backend):
         from . import _cuda_ext
 
         return getattr(_cuda_ext, op)
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_installed() -> bool:
+    # asked on every call; find_spec searches sys.path each time while triton is not imported
+    # (~40 us, which would be paid per BN call by the CUDA fallback on a machine without it)
+    return importlib.util.find_spec("triton") is not None
 
 
 _INSTANCES = {"triton": TritonBackend(), "cuda": CudaBackend(), "torch": TorchBackend()}
