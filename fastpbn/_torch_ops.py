@@ -240,6 +240,28 @@ def forward_train(
     return y, mean, var.add_(eps).rsqrt_().float()
 
 
+def native_train(x: Tensor) -> bool:
+    """Whether :func:`forward_train` without an accumulator is PyTorch's own training kernel
+    on ``x`` (so that an eager caller may call :func:`native_forward_train` instead)."""
+    return not _centred_ok(x)
+
+
+def native_forward_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+) -> Tensor:
+    """``torch.batch_norm`` in training mode, with PyTorch's autograd (see ops)."""
+    factor = _momentum(momentum, num_batches_tracked) if running_mean is not None else 0.0
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps,
+                            False)
+
+
 def forward_eval(
     x: Tensor,
     weight: Optional[Tensor],
@@ -248,9 +270,7 @@ def forward_eval(
     running_var: Tensor,
     eps: float,
 ) -> Tensor:
-    return torch.ops.aten.native_batch_norm(
-        x, weight, bias, running_mean, running_var, False, 0.0, eps
-    )[0]
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
 
 
 def backward(

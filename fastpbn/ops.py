@@ -43,6 +43,17 @@ def _verify_batch_size(x: Tensor) -> None:
         )
 
 
+def _eager_torch_backend(x: Tensor):
+    """The torch backend when it serves ``x`` in an eager call, else None. Where it would run
+    PyTorch's own batch-norm kernel anyway, that kernel is called directly: PyTorch's C++
+    autograd node costs less than a Python ``autograd.Function`` (~17 µs a call on CPU).
+    Graphs being compiled keep the custom ops."""
+    if torch.compiler.is_compiling():
+        return None
+    backend = get_backend(x)
+    return backend if backend.name == "torch" else None
+
+
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -82,6 +93,9 @@ def batch_norm_train(
         acc = (accumulator.count, accumulator.mean, accumulator.m2)
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)
+    backend = _eager_torch_backend(input)
+    if backend is not None and accumulator is None and backend.native_train(input):
+        return backend.native_forward_train(*args[:8])
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormTrain.apply(*args)[0]
     return _function.batch_norm_train_no_grad(*args)[0]
@@ -116,6 +130,9 @@ def batch_norm(
         input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     args = (input, weight, bias, running_mean, running_var, eps)
+    backend = _eager_torch_backend(input)
+    if backend is not None:
+        return backend.forward_eval(*args)
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormEval.apply(*args)
     return _function.batch_norm_eval_no_grad(*args)
