@@ -240,10 +240,17 @@ def forward_train(
     return y, mean, var.add_(eps).rsqrt_().float()
 
 
+# Below this many values an eager module call is faster through PyTorch's kernel and C++
+# autograd than through the centred passes behind a Python autograd node (measured: 80K values
+# 0.80x vs 1.0x, 400K values 1.8x vs 1.0x stock)
+NATIVE_EAGER_MAX_NUMEL = 1 << 18
+
+
 def native_train(x: Tensor) -> bool:
-    """Whether :func:`forward_train` without an accumulator is PyTorch's own training kernel
-    on ``x`` (so that an eager caller may call :func:`native_forward_train` instead)."""
-    return not _centred_ok(x)
+    """Whether an eager training call without an accumulator should be PyTorch's own kernel and
+    autograd (:func:`native_forward_train`): where :func:`forward_train` would run that kernel
+    anyway, and where the centred path saves less than a Python autograd node costs."""
+    return not _centred_ok(x) or x.numel() < NATIVE_EAGER_MAX_NUMEL
 
 
 def native_forward_train(

@@ -131,19 +131,24 @@ def test_shapes_and_layouts(backend, shape, channels_last):
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_large_cpu_training_steps(channels_last, momentum):
-    """Activations of >= 32K values take the torch backend's centred path on CPU (training
-    forward without PyTorch's kernel): outputs, gradients and running stats still match."""
+    """Large NCHW activations take the torch backend's centred path on CPU (training forward
+    without PyTorch's kernel; channels_last keeps it): outputs, gradients and running stats
+    still match."""
     import fastpbn
+    from fastpbn import _torch_ops
 
     fastpbn.set_backend("torch")
+    shape = (16, 16, 32, 32)
+    assert _torch_ops.native_train(shifted(*shape, channels_last=True))
+    assert not _torch_ops.native_train(shifted(*shape))
     stock, ours = make_pair(2, 16, momentum=momentum)
     for _ in range(2):
-        check_step(stock, ours, shifted(8, 16, 16, 16, channels_last=channels_last), "randn")
+        check_step(stock, ours, shifted(*shape, channels_last=channels_last), "randn")
     # the eval reference uses stock's buffers, and stock's channels_last kernel rounds the mean
     # to ~5e-7 of its value (ours: 1e-8 vs float64): compare eval math on equal buffers
     ours.load_state_dict(stock.state_dict())
     stock.eval(), ours.eval()
-    check_step(stock, ours, shifted(8, 16, 16, 16, channels_last=channels_last), "sum")
+    check_step(stock, ours, shifted(*shape, channels_last=channels_last), "sum")
 
 
 def test_inference_mode_then_normal_mode():
@@ -153,7 +158,8 @@ def test_inference_mode_then_normal_mode():
 
     fastpbn.set_backend("torch")
     _, ours = make_pair(2, 16)
-    x = shifted(8, 16, 16, 16)  # large enough for the centred CPU path (scratch buffers)
+    x = shifted(16, 16, 32, 32)  # large enough for the centred CPU path (scratch buffers)
+    assert not fastpbn._torch_ops.native_train(x)
     with torch.inference_mode():
         y_inf = ours(x)
     y = ours(x)
