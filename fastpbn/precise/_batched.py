@@ -13,7 +13,7 @@ one forward flushes before its second call: every call counts.
 A layer's first call runs ``batch_norm_train`` with ``shift=False`` (large activations: no
 correction pass and no centred copy; small ones: PyTorch's kernel on x itself). If every
 channel shows |mean|/std < 5 the layer keeps that for the pass -- a float32 mean is then exact
-to 3e-7 of the std (``_torch_ops.mean_dwarfs_std``) -- otherwise the call is redone shifted
+to ~1e-6 of the std (``_torch_ops.mean_dwarfs_std``) -- otherwise the call is redone shifted
 and the layer stays shifted.
 
 The layers' call counting (``CallTracker``) happens inside these forwards: no module hook, so
