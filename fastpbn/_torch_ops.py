@@ -267,7 +267,7 @@ def native_forward_train(
     """``torch.batch_norm`` in training mode, with PyTorch's autograd (see ops)."""
     factor = _momentum(momentum, num_batches_tracked) if running_mean is not None else 0.0
     return torch.batch_norm(x, weight, bias, running_mean, running_var, True, factor, eps,
-                            False)
+                            torch.backends.cudnn.enabled)  # as F.batch_norm
 
 
 def forward_eval(
@@ -278,7 +278,8 @@ def forward_eval(
     running_var: Tensor,
     eps: float,
 ) -> Tensor:
-    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps, False)
+    return torch.batch_norm(x, weight, bias, running_mean, running_var, False, 0.0, eps,
+                            torch.backends.cudnn.enabled)
 
 
 def backward(
