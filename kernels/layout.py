@@ -26,6 +26,7 @@ NUM_WARPS = 4
 MAX_BLOCK_C = 128  # channels per tile when channels are the contiguous axis
 CPU_PROGRAMS = 3  # interpreter: programs run one after another, a few splits suffice
 IDX64_AT = 2**31  # int64 offsets once a tensor spans this many elements
+MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ _PLANS: dict[tuple, Optional[Plan]] = {}
 def plan(tensors: list[Tensor]) -> Optional[Plan]:
     """Launch geometry for ``tensors`` (same shape, x first), or None (no common view).
     Cached by shapes and strides: a training loop sees the same few layouts every step."""
-    key = (tensors[0].shape, *(t.stride() for t in tensors), TILE, MAX_BLOCK_C, IDX64_AT)
+    key = (tensors[0].shape, *(t.stride() for t in tensors), TILE, MAX_BLOCK_C, IDX64_AT,
+           MAX_GRID_Y)
     if key not in _PLANS:
         if len(_PLANS) > 4096:
             _PLANS.clear()
@@ -117,6 +119,11 @@ def _make_plan(tensors: list[Tensor]) -> Optional[Plan]:
         while block_r > 32 and triton.cdiv(s, block_r) * block_r * 8 > s * 9:
             block_r //= 2
         block_c = min(max(TILE // block_r, 1), triton.next_power_of_2(c))
+    # K2 and K4 put the channel blocks on grid axis 1, which CUDA caps at 65535: trade rows for
+    # channels (same tile size) until they fit
+    while triton.cdiv(c, block_c) > MAX_GRID_Y:
+        block_c *= 2
+        block_r = max(block_r // 2, 1)
     max_off = max(
         (n - 1) * a + (c - 1) * b + (s - 1) * d for a, b, d in strides
     ) + 1

@@ -327,17 +327,31 @@ def test_determinism_bitwise(monkeypatch):
         assert torch.equal(a, b_)
 
 
+def test_channel_blocks_fit_cuda_grid_axis_1():
+    """K2/K4 launch channel blocks on grid axis 1 (at most 65535): a plan trades rows for
+    channels until they fit, keeping the tile size (shapes only: meta tensors)."""
+    for shape in [(2, 70000, 64, 64), (2, 300000, 8, 8), (4, 70000), (1, 65535 * 2 + 1, 4096)]:
+        x = torch.empty(*shape, device="meta")
+        p = layout.plan([x, x])
+        assert p.num_cblocks <= 65535, shape
+        assert p.block_r * p.block_c <= layout.TILE, shape
+
+
 @pytest.mark.parametrize("name", ["nchw", "channels_last", "1d_ncl", "3d"])
-def test_small_tiles_many_splits(monkeypatch, name):
+@pytest.mark.parametrize("grid_y", [65535, 1])
+def test_small_tiles_many_splits(monkeypatch, name, grid_y):
     """Tiny tiles, several channel blocks, many splits with uneven tile counts, int64 offsets:
-    every merge path and mask edge, compared with the reference."""
+    every merge path and mask edge, compared with the reference. ``grid_y=1`` forces the plan
+    to widen its channel blocks (what a CUDA grid-axis limit does to huge channel counts)."""
     monkeypatch.setattr(layout, "TILE", 16)
     monkeypatch.setattr(layout, "MAX_BLOCK_C", 4)
     monkeypatch.setattr(layout, "CPU_PROGRAMS", 7)
     monkeypatch.setattr(layout, "IDX64_AT", 1)
+    monkeypatch.setattr(layout, "MAX_GRID_Y", grid_y)
     x = make_x(name)
     p = layout.plan([x])
     assert p.idx64 and layout.num_splits(p, x.device)[0] > 1
+    assert p.num_cblocks <= grid_y
     w, b, rm, rv = params(x.shape[1])
     rm_o, rv_o = rm.clone(), rv.clone()
     y, mean, invstd = K.forward_train(x, w, b, rm_o, rv_o, None, 0.1, 1e-5, None)
