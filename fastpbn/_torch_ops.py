@@ -47,6 +47,17 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def _thread_buffer(kind: str, dtype: torch.dtype, need: int) -> Tensor:
+    """This thread's grow-only CPU buffer ``kind`` of ``dtype``, at least ``need`` values long;
+    made outside inference mode, so it is usable in and out of it."""
+    cache = _local.__dict__.setdefault(kind, {})
+    buf = cache.get(dtype)
+    if buf is None or buf.numel() < need:
+        with torch.inference_mode(False):
+            buf = cache[dtype] = torch.empty(need, dtype=dtype, device="cpu")
+    return buf
+
+
 def _scratch_like(x: Tensor) -> Tensor:
     """An uninitialised float32 (float64 for float64 x) tensor laid out like empty_like(x)."""
     need, dtype = x.numel(), _work_dtype(x)
@@ -54,11 +65,7 @@ def _scratch_like(x: Tensor) -> Tensor:
     # streams): the scratch is for CPU only
     if x.device.type != "cpu" or need * (8 if dtype == torch.float64 else 4) > _SCRATCH_MAX_BYTES:
         return torch.empty_like(x, dtype=dtype)
-    scratch = _local.__dict__.setdefault("scratch", {})
-    buf = scratch.get(dtype)
-    if buf is None or buf.numel() < need:
-        with torch.inference_mode(False):  # usable in and out of inference mode
-            buf = scratch[dtype] = torch.empty(need, dtype=dtype, device="cpu")
+    buf = _thread_buffer("scratch", dtype, need)
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
     return buf[:need].view(x.shape)
@@ -71,12 +78,7 @@ CENTRED_MIN_NUMEL = 1 << 15
 
 def _empty(x: Tensor) -> Tensor:
     """A size-0 tensor for the eval kernel's unused outputs (one per thread and dtype)."""
-    cache = _local.__dict__.setdefault("empty", {})
-    t = cache.get(x.dtype)
-    if t is None:
-        with torch.inference_mode(False):
-            t = cache[x.dtype] = torch.empty(0, dtype=x.dtype, device="cpu")
-    return t
+    return _thread_buffer("empty", x.dtype, 0)
 
 
 def _centred_ok(x: Tensor) -> bool:

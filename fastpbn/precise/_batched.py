@@ -37,7 +37,7 @@ class FlatStats:
     """Staging and float64 state for ``layers`` (all on one CPU device); ``tracker.called(i)``
     is told of each call of layer ``i`` (its index in the pass)."""
 
-    def __init__(self, layers: list[nn.Module], states: list[WelfordState], tracker=None):
+    def __init__(self, layers: list[nn.Module], states: list[WelfordState], tracker):
         sizes = [m.num_features for m in layers]
         total, device = sum(sizes), states[0].device
         self.count, self.mean, self.m2 = torch.zeros(3, total, dtype=torch.float64,
@@ -62,8 +62,7 @@ class FlatStats:
         tracker = self.tracker
 
         def forward(module, x: Tensor) -> Tensor:
-            if tracker is not None:
-                tracker.called(track)
+            tracker.called(track)
             module._check_input_dim(x)
             if x.shape[1] != module.num_features:
                 raise RuntimeError(f"running_mean should contain {x.shape[1]} elements not "
