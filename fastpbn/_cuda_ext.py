@@ -7,8 +7,8 @@ processes only load it. Importing this module builds nothing and imports neither
 reports its message and dispatch moves on instead of rebuilding on every call.
 
 The five backend operations have exactly the signatures and semantics documented on
-``fastpbn._backend.Backend``; they allocate outputs and take a workspace cached per device and
-stream (the reductions' partials and counters, which every launch leaves zeroed).
+``fastpbn._backend.Backend``; they allocate outputs and take the reductions' scratch (partials and
+counters, which every launch leaves zeroed) from ``fastpbn._scratch``.
 """
 
 from __future__ import annotations
@@ -28,15 +28,14 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
+from ._scratch import workspace
+
 _SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
 _ERROR_CHARS = 1500  # how much of a compiler log a reason quotes
 
 _ext = None
 _build_error: Optional[str] = None
 _lock = threading.Lock()
-_workspaces: dict[tuple[str, int, bool], tuple[Tensor, Tensor]] = {}
-# Outgrown workspaces stay alive: a captured CUDA graph may still point at them.
-_retired: list[Tensor] = []
 
 
 class CudaExtensionError(RuntimeError):
@@ -165,27 +164,9 @@ def load():
 
 
 def _workspace(ext, x: Tensor) -> tuple[Tensor, Tensor]:
-    """(float32 scratch, zeroed int32 counters) big enough for x, cached per device and stream:
-    launches on one stream run in order, so they can share it. Workspaces made during CUDA
-    graph capture are kept apart from eager ones (their zero-fill only runs on replay)."""
+    """(float32 scratch, zeroed int32 counters) big enough for x (see fastpbn._scratch)."""
     floats, ints = ext.workspace_size(x)
-    stream, capturing = 0, False
-    if x.is_cuda:
-        stream = torch.cuda.current_stream(x.device).cuda_stream
-        with torch.cuda.device(x.device):
-            capturing = torch.cuda.is_current_stream_capturing()
-    key = (str(x.device), stream, capturing)
-    ws = _workspaces.get(key)
-    if ws is None or ws[0].numel() < floats or ws[1].numel() < ints:
-        old_f, old_i = (ws[0].numel(), ws[1].numel()) if ws is not None else (0, 0)
-        if ws is not None:
-            _retired.extend(ws)
-        ws = (
-            torch.empty(max(floats, old_f, 1), dtype=torch.float32, device=x.device),
-            torch.zeros(max(ints, old_i, 1), dtype=torch.int32, device=x.device),
-        )
-        _workspaces[key] = ws
-    return ws
+    return workspace(x.device, floats, ints)
 
 
 def _viewable(t: Tensor) -> Tensor:

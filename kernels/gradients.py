@@ -8,7 +8,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import NUM_WARPS, Plan, num_splits, offsets, on_device, tile_index, workspace
+from fastpbn._scratch import workspace
+
+from .layout import NUM_WARPS, Plan, num_splits, offsets, on_device, tile_index
 
 
 @triton.jit(do_not_specialize=["n_total"])

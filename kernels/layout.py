@@ -1,5 +1,5 @@
 """What the launchers share: viewing (N, C, *) tensors as (N', C, S') by strides, the tile and
-split heuristic, the cached per-device workspace, and the offset helper every kernel uses.
+split heuristic and the offset helper every kernel uses.
 
 Every kernel sees its tensors as ``[N', C, S']`` with strides ``(sn, sc, ss)``: the non-channel
 dims are ordered by x's strides and cut into an outer group (N') and an inner group (S'), each
@@ -146,35 +146,6 @@ def num_splits(p: Plan, device: torch.device) -> tuple[int, int]:
     splits = max(1, min(p.num_tiles, triton.cdiv(target, p.num_cblocks)))
     per_split = triton.cdiv(p.num_tiles, splits)
     return triton.cdiv(p.num_tiles, per_split), per_split  # no empty split
-
-
-# One workspace per (device, stream): launches on a stream run in order, so they can share it.
-# Outgrown buffers are kept alive, because a captured CUDA graph may still point at them.
-# Buffers made while a CUDA graph is being captured are kept apart from eager ones: their
-# zero-fill only runs when the graph replays, so an eager launch must never be handed them.
-_WORKSPACE: dict[tuple, tuple[Tensor, Tensor]] = {}
-_RETIRED: list[Tensor] = []
-
-
-def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
-    """A float32 scratch buffer of at least ``floats`` and an int32 counter buffer of at least
-    ``counters`` zeros. Kernels reset every counter they increment, so no memset per call."""
-    if device.type == "cuda":
-        with _on_index(device):  # capture state is queried on the current device's stream
-            capturing = torch.cuda.is_current_stream_capturing()
-        key = (device, torch.cuda.current_stream(device).cuda_stream, capturing)
-    else:
-        key = (device,)
-    ws, cnt = _WORKSPACE.get(key, (None, None))
-    if ws is None or ws.numel() < floats or cnt.numel() < counters:
-        if ws is not None:
-            _RETIRED.extend((ws, cnt))
-        floats = max(floats, 0 if ws is None else ws.numel(), 1 << 16)
-        counters = max(counters, 0 if cnt is None else cnt.numel(), 1024)
-        ws = torch.empty(floats, dtype=torch.float32, device=device)
-        cnt = torch.zeros(counters, dtype=torch.int32, device=device)
-        _WORKSPACE[key] = (ws, cnt)
-    return ws, cnt
 
 
 def _on_index(device: torch.device):

@@ -28,7 +28,7 @@ import pytest
 import torch
 
 import fastpbn
-from fastpbn import _cuda_ext
+from fastpbn import _cuda_ext, _scratch
 from fastpbn._backend import BackendUnavailable, CudaBackend
 from fastpbn.reference import batch_norm_reference, batch_stats_reference
 
@@ -591,7 +591,7 @@ def cuda_backend(runner, monkeypatch):
     if runner.device == "cpu":
         monkeypatch.setattr(_cuda_ext, "_ext", runner.ext)
         monkeypatch.setattr(CudaBackend, "not_supported_reasons", lambda self, x: [])
-    monkeypatch.setattr(_cuda_ext, "_workspaces", {})
+    monkeypatch.setattr(_scratch, "_cache", {})
     fastpbn.set_backend("cuda")
     return runner
 

@@ -7,17 +7,19 @@ own same-dtype error plus a small floor relative to the values' magnitude.
 """
 
 import math
+import threading
 import zlib
 
 import pytest
 import torch
 
+from fastpbn import _scratch
 from fastpbn.reference import batch_norm_reference, batch_stats_reference
 
 from .conftest import DEVICE
 
 pytest.importorskip("triton")
-from fastpbn.kernels import layout  # noqa: E402
+from fastpbn.kernels import gradients, layout  # noqa: E402
 from fastpbn.kernels.gradients import k3_k4_backward  # noqa: E402
 from fastpbn.kernels.normalize import k2_normalize  # noqa: E402
 from fastpbn.kernels.stats import k1_stats  # noqa: E402
@@ -97,7 +99,7 @@ def poisoned_workspace(request):
     name: different data per case, the same on every run."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
     device = torch.empty(0, device=DEVICE).device  # with its index, as the kernels see it
-    ws, _ = layout.workspace(device, 1 << 16, 1024)
+    ws, _ = _scratch.workspace(device, 1 << 16, 1024)
     ws.fill_(NAN)
 
 
@@ -325,6 +327,50 @@ def test_determinism_bitwise(monkeypatch):
         runs.append((y, mean, invstd, *K.backward(g, x, w, mean, invstd, True, (True,) * 3)))
     for a, b_ in zip(*runs):
         assert torch.equal(a, b_)
+
+
+def test_threads_on_one_stream_keep_their_own_scratch(monkeypatch):
+    """K3 leaves the dx coefficients in the scratch buffer for K4. A second thread's backward
+    launched between the two (on the same stream, or interleaved in the interpreter) must not
+    overwrite them: held here deterministically at the first thread's K4."""
+    xs = [make_x("nchw") for _ in range(2)]
+    w, b, _, _ = params(xs[0].shape[1])
+    stats = [torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)[1:]
+             for x in xs]
+    gs = [torch.randn_like(x) for x in xs]
+    k4, at_k4, other_done = gradients._k4_grad_input_kernel, threading.Event(), threading.Event()
+
+    class HeldOnce:  # the first K4 launch waits until the other thread's backward is done
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                if not at_k4.is_set():
+                    at_k4.set()
+                    other_done.wait(120)
+                return k4[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(gradients, "_k4_grad_input_kernel", HeldOnce())
+    out = {}
+
+    def run(i):
+        out[i] = K.backward(gs[i], xs[i], w, *stats[i], True, (True, True, True))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    first = threading.Thread(target=run, args=(0,))
+    first.start()
+    assert at_k4.wait(120)
+    second = threading.Thread(target=run, args=(1,))
+    second.start()
+    second.join(120)
+    other_done.set()
+    first.join(120)
+    for i, x in enumerate(xs):
+        stock = torch.ops.aten.native_batch_norm_backward(
+            gs[i], x, w, None, None, *stats[i], True, 1e-5, [True] * 3)
+        ref = grads_reference(x, w, b, None, True, gs[i])
+        check(f"dx of thread {i}", out[i][0], stock[0], ref[0], torch.float32,
+              dx_scale(w, stats[i][1], gs[i]))
 
 
 def test_channel_blocks_fit_cuda_grid_axis_1():

@@ -1,0 +1,76 @@
+"""Scratch memory for the split reductions of both GPU backends (Triton K1 / K3, CUDA C++).
+
+A reduction writes per-split partial sums into a float32 buffer and counts finished splits in
+an int32 buffer that must start at zero; every kernel leaves the counters it increments at zero
+again, so eager calls reuse one buffer pair instead of allocating and zero-filling per call.
+
+Who may share a pair:
+
+* eager calls of one thread on one stream: launches on a stream run in order, and a call's
+  launches (K1 then K2, K3 then K4, which pass per-channel values through the buffer) are not
+  interleaved with another call's. Two threads launching on the same stream would interleave,
+  so the thread is part of the key.
+* nobody while a CUDA graph is captured: each call gets fresh buffers from the graph's memory
+  pool, like any temporary of the graph. Graphs then never share scratch (they may replay
+  concurrently on different streams), and pools that track every live block (torch.compile's
+  CUDA graph trees) see nothing held across calls.
+
+Cached pairs are allocated with a private stream current, so that they never land in a pool
+that takes the current stream's allocations (CUDA graph trees' warm-up runs do that). An
+outgrown pair is freed only after the work queued on its stream has finished.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch import Tensor
+
+_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+_alloc_streams: dict[torch.device, torch.cuda.Stream] = {}
+_MIN_FLOATS, _MIN_COUNTERS = 1 << 16, 1024
+
+
+def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
+    """A float32 buffer of at least ``floats`` elements and an int32 buffer of at least
+    ``counters`` zeros on ``device`` (with its index), for the calling thread's current stream."""
+    if device.type != "cuda":  # the Triton interpreter and the CPU emulation: no streams
+        return _cached((device, threading.get_ident()), device, floats, counters, None)
+    switch = device.index is not None and device.index != torch.cuda.current_device()
+    with torch.cuda.device(device) if switch else contextlib.nullcontext():
+        if torch.cuda.is_current_stream_capturing():
+            return _fresh(device, floats, counters)
+        stream = torch.cuda.current_stream()
+    return _cached((device, stream.cuda_stream, threading.get_ident()), device, floats,
+                   counters, stream)
+
+
+def _fresh(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
+    return (torch.empty(max(floats, 1), dtype=torch.float32, device=device),
+            torch.zeros(max(counters, 1), dtype=torch.int32, device=device))
+
+
+def _cached(key: tuple, device: torch.device, floats: int, counters: int,
+            stream: torch.cuda.Stream | None) -> tuple[Tensor, Tensor]:
+    ws, cnt = _cache.get(key, (None, None))
+    if ws is not None and ws.numel() >= floats and cnt.numel() >= counters:
+        return ws, cnt
+    if ws is not None:
+        floats, counters = max(floats, ws.numel()), max(counters, cnt.numel())
+        if stream is not None:  # the old pair's memory waits for this stream's queued kernels
+            ws.record_stream(stream)
+            cnt.record_stream(stream)
+    floats, counters = max(floats, _MIN_FLOATS), max(counters, _MIN_COUNTERS)
+    if stream is None:
+        ws, cnt = _fresh(device, floats, counters)
+    else:
+        if device not in _alloc_streams:
+            _alloc_streams[device] = torch.cuda.Stream(device)
+        with torch.cuda.stream(_alloc_streams[device]):
+            ws = torch.empty(floats, dtype=torch.float32, device=device)
+            cnt = torch.empty(counters, dtype=torch.int32, device=device)
+        cnt.zero_()  # on the stream the kernels run on, so it is ordered before them
+    _cache[key] = (ws, cnt)
+    return ws, cnt

@@ -1,0 +1,90 @@
+"""The reductions' scratch buffers (fastpbn/_scratch.py): who shares them, and CUDA graphs."""
+
+import threading
+
+import pytest
+import torch
+
+import fastpbn
+from fastpbn import _scratch
+from fastpbn.reference import batch_norm_reference
+
+from .conftest import DEVICE
+
+
+@pytest.fixture(autouse=True)
+def empty_cache(monkeypatch):
+    monkeypatch.setattr(_scratch, "_cache", {})
+
+
+def _device():
+    return torch.empty(0, device=DEVICE).device  # with its index, as the backends pass it
+
+
+def test_one_pair_per_thread_grown_and_zeroed():
+    dev = _device()
+    ws, cnt = _scratch.workspace(dev, 10, 3)
+    assert ws.dtype == torch.float32 and cnt.dtype == torch.int32
+    assert ws.device == cnt.device == dev and not cnt.any()
+    assert _scratch.workspace(dev, 100, 3)[0] is ws  # big enough: the same pair
+    cnt[0] = 7  # (kernels leave their counters at zero; a grown pair must start at zero)
+    big, big_cnt = _scratch.workspace(dev, ws.numel() + 1, cnt.numel() + 1)
+    assert big.numel() > ws.numel() and big_cnt.numel() > cnt.numel() and not big_cnt.any()
+    assert _scratch.workspace(dev, 10, 3)[0] is big
+
+    other = {}
+    t = threading.Thread(target=lambda: other.update(p=_scratch.workspace(dev, 10, 3)))
+    t.start()
+    t.join()
+    assert other["p"][0].data_ptr() != big.data_ptr()
+    assert other["p"][1].data_ptr() != big_cnt.data_ptr() and not other["p"][1].any()
+    assert len(_scratch._cache) == 2
+
+
+@pytest.mark.gpu
+def test_gpu_cached_per_stream_fresh_while_capturing():
+    dev = _device()
+    ws, _ = _scratch.workspace(dev, 10, 3)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert _scratch.workspace(dev, 10, 3)[0].data_ptr() != ws.data_ptr()
+    cached = len(_scratch._cache)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        got = [_scratch.workspace(dev, 10, 3) for _ in range(2)]
+    assert len(_scratch._cache) == cached  # nothing made during capture is kept
+    assert all(w.data_ptr() != ws.data_ptr() for w, _ in got)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend_name", ["triton", "cuda"])
+def test_gpu_two_graphs_replayed_concurrently(backend_name):
+    """Two graphs captured one after the other (on torch's shared capture stream), then replayed
+    at the same time on two streams: each must use its own scratch."""
+    try:
+        fastpbn.set_backend(backend_name)
+        fastpbn.batch_norm(torch.randn(2, 3, 4, 4, device="cuda"), None, None, training=True)
+    except fastpbn.BackendUnavailable as e:
+        pytest.skip(str(e))
+    xs = [torch.randn(32, 64, 28, 28, device="cuda") * (i + 1) + 10 * i for i in range(2)]
+    ys, graphs = [None, None], [torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()]
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        for x in xs:
+            fastpbn.batch_norm(x, None, None, training=True)
+    torch.cuda.current_stream().wait_stream(warm)
+    for i, x in enumerate(xs):
+        with torch.cuda.graph(graphs[i]):
+            ys[i] = fastpbn.batch_norm(x, None, None, training=True)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    for _ in range(20):
+        for s, g in zip(streams, graphs):
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                g.replay()
+        for s in streams:
+            torch.cuda.current_stream().wait_stream(s)
+        for x, y in zip(xs, ys):
+            ref = batch_norm_reference(x.cpu(), None, None, None, None, True, 0.0, 1e-5)[0]
+            torch.testing.assert_close(y.cpu().double(), ref, rtol=0, atol=1e-4)
