@@ -44,7 +44,7 @@ def _k3_grad_stats_kernel(
     sdyx = tl.zeros([BLOCK_C], dtype=tl.float32)
     t0 = pid_s * tiles_per_split
     for t in range(t0, tl.minimum(t0 + tiles_per_split, num_tiles)):
-        n, rows, tcols, mask, _, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C)
+        n, rows, tcols, mask, _, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C, IDX64)
         dy = tl.load(dy_ptr + offsets(n, rows, tcols, sdn, sdc, sds, IDX64), mask=mask,
                      other=0.0, eviction_policy="evict_last").to(tl.float32)
         x = tl.load(x_ptr + offsets(n, rows, tcols, sxn, sxc, sxs, IDX64), mask=mask,
@@ -97,7 +97,7 @@ def _k4_grad_input_kernel(
     centred so that shifted x loses nothing), or dx = w·invstd·dy (eval)."""
     t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    n, rows, cols, mask, cmask, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C)
+    n, rows, cols, mask, cmask, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C, IDX64)
     dy = tl.load(dy_ptr + offsets(n, rows, cols, sdn, sdc, sds, IDX64), mask=mask, other=0.0,
                  eviction_policy="evict_first").to(tl.float32)
     if TRAINING:

@@ -162,9 +162,14 @@ def on_device(x: Tensor):
 
 
 @triton.jit
-def tile_index(t, pid_c, tiles_s, S, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def tile_index(t, pid_c, tiles_s, S, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+               IDX64: tl.constexpr):
     """Tile ``t`` of channel block ``pid_c``: (n, rows [BLOCK_R] along S', channels [BLOCK_C],
-    mask [BLOCK_R, BLOCK_C], channel mask, number of valid rows)."""
+    mask [BLOCK_R, BLOCK_C], channel mask, number of valid rows). Positions are int64 when the
+    tensor spans 2^31 elements or more: S' alone may then reach 2^31 (channels_last, few
+    channels)."""
+    if IDX64:
+        t = tl.cast(t, tl.int64)  # (the interpreter passes loop indices as Python ints)
     n = t // tiles_s
     r0 = (t - n * tiles_s) * BLOCK_R
     rows = r0 + tl.arange(0, BLOCK_R)

@@ -30,7 +30,7 @@ def _k2_normalize_kernel(
     differences are small, so not even the float32 rounding of the mean gets in."""
     t = tl.program_id(0)
     pid_c = tl.program_id(1)
-    n, rows, cols, mask, cmask, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C)
+    n, rows, cols, mask, cmask, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C, IDX64)
     mean = tl.load(mean_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
     scale = tl.load(stat_ptr + cols, mask=cmask, other=1.0).to(tl.float32)
     if STAT_IS_VAR:

@@ -64,7 +64,7 @@ def _k1_stats_kernel(
         pivot = tl.load(x_ptr + cols * sxc, mask=cmask, other=0.0).to(tl.float32)
     t0 = pid_s * tiles_per_split
     for t in range(t0, tl.minimum(t0 + tiles_per_split, num_tiles)):
-        n, rows, tcols, mask, _, nb = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C)
+        n, rows, tcols, mask, _, nb = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C, IDX64)
         offs = offsets(n, rows, tcols, sxn, sxc, sxs, IDX64)
         # keep x in L2 for the normalize pass that follows
         x = tl.load(x_ptr + offs, mask=mask, other=0.0, eviction_policy="evict_last")

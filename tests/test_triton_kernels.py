@@ -670,6 +670,27 @@ def test_gpu_int64_offsets():
     torch.testing.assert_close(var.double(), var_s, rtol=1e-4, atol=0)
 
 
+@pytest.mark.gpu
+def test_gpu_int64_positions():
+    """channels_last with two channels: S' = N·H·W itself passes 2^31 (fp16, about 8.6 GB)."""
+    if torch.cuda.get_device_properties(0).total_memory < 60e9:
+        pytest.skip("needs about 45 GB of GPU memory")
+    x = torch.empty(1, 2, 2**16 + 8, 2**15, device=DEVICE, dtype=torch.float16,
+                    memory_format=torch.channels_last)
+    x.normal_(0, 1).add_(100)
+    x[0, :, -1, -1] = 300.0  # the last positions must be seen
+    p = layout.plan([x])
+    assert p.idx64 and p.s > 2**31
+    mean, var, n = K.batch_stats(x)
+    var_s, mean_s = _var_mean_chunked(x)
+    assert n == p.s
+    torch.testing.assert_close(mean.double(), mean_s, rtol=1e-6, atol=0)
+    torch.testing.assert_close(var.double(), var_s, rtol=1e-4, atol=0)
+    y = K.forward_eval(x, None, None, mean, var, 1e-5)
+    torch.testing.assert_close(y[0, :, -1, -1].float(), (300 - mean) * torch.rsqrt(var + 1e-5),
+                               rtol=2e-3, atol=0)
+
+
 def _var_mean_chunked(x):
     """float64 per-channel (var, mean) of a huge tensor, one channel at a time."""
     means, vars_ = [], []
