@@ -581,6 +581,30 @@ def test_cuda_graph_and_pinned_prefetch_match_eager(convert):
     assert_close_to_truth(eager, truth, rtol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("convert", [False, True])
+def test_gpu_pass_does_not_synchronize_between_batches(convert):
+    """No host synchronization per batch: from the second forward to the last, any
+    synchronizing CUDA call (``.item()``, a device-to-host copy, ...) raises."""
+    model = cnn(26).cuda()
+    if convert:
+        model = convert_model(model)
+    data = [shifted(16, 1, 8, 8).cuda() for _ in range(6)]
+    calls = []
+
+    def forward_fn(m, x):
+        calls.append(len(calls))
+        torch.cuda.set_sync_debug_mode("error" if 1 <= calls[-1] < len(data) - 1 else "default")
+        return m(x)
+
+    try:
+        stats = recompute_bn_stats(model, data, forward_fn=forward_fn, apply=False)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert len(calls) == len(data)
+    assert_close_to_truth(stats, ground_truth(model, data), rtol=1e-6)
+
+
 def test_cpu_population_pass_merges_once_per_forward_and_matches_per_call_merging():
     """On CPU the population pass stages each layer's batch and merges all layers after the
     forward (one vectorized merge); the result equals per-call merging (the path ``tol``

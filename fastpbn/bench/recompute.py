@@ -209,6 +209,8 @@ class Method:
     batch_size: Optional[int] = None
     prep: Callable[[nn.Module], nn.Module] = lambda m: m
     biased: bool = False
+    # how the batches (on the device) reach the method, untimed: e.g. moved to host memory
+    data: Callable[[list[Tensor]], list[Tensor]] = lambda batches: batches
     # Python hooks do not run when a captured CUDA graph replays: no ``err`` for such methods
     hookable: bool = True
 
@@ -231,6 +233,15 @@ def methods(device: torch.device, batch: int) -> dict[str, Method]:
                 precise.recompute_bn_stats).parameters:
             out["fastpbn+cuda_graph"] = Method(lambda m, d: ours(m, d, cuda_graph=True),
                                                hookable=False)
+        # the throughput features, one at a time (rows of their own)
+        out["fastpbn(stop_early=False)"] = Method(lambda m, d: ours(m, d, stop_early=False))
+        if device.type == "cuda":  # copies overlapped with the forward (pinned) or not
+            out["fastpbn(pinned host batches)"] = Method(
+                lambda m, d: ours(m, d, device=device),
+                data=lambda batches: [b.cpu().pin_memory() for b in batches])
+            out["fastpbn(pageable host batches)"] = Method(
+                lambda m, d: ours(m, d, device=device),
+                data=lambda batches: [b.cpu() for b in batches])
         big = 4 * batch
         out[f"fastpbn(batch_size={big})"] = Method(lambda m, d: ours(m, d, batch_size=big), big)
         out["fastpbn.update_bn_stats"] = Method(
@@ -318,17 +329,18 @@ def _measure(method: Method, model, batches, truths: dict, device, repeats: int)
     if bs not in truths:
         truths[bs] = ground_truth(model, batches, bs)
     times = []
+    data = method.data(batches)
     with warnings.catch_warnings():  # e.g. "batch below 32": the setups are deliberate
         warnings.simplefilter("ignore")
         for i in range(repeats + 1):
             m = method.prep(copy.deepcopy(model))
-            t = wall_time(functools.partial(method.run, m, batches), device)
+            t = wall_time(functools.partial(method.run, m, data), device)
             if i:  # the first run warms compilers and the allocator
                 times.append(t * 1e3)
         if method.hookable:
             m = method.prep(copy.deepcopy(model))
             capture = Float64Capture(m)
-            method.run(m, batches)
+            method.run(m, data)
             capture.remove()
             err = stats_error(m, capture.truth(), method.biased)
         else:
