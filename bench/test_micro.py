@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import fastpbn
-from fastpbn.models import SmallCNN
+from fastpbn.models import SmallCNN, resnet50
 from fastpbn.precise import recompute_bn_stats
 
 SHAPES = [(8, 64, 28, 28), (4096, 32, 1, 1)]  # a ResNet-like map; BatchNorm1d-like
@@ -84,3 +84,41 @@ def test_recompute_small_cnn(benchmark, impl):
 
     m = benchmark(run)
     assert not torch.equal(m.features[1].running_mean, model.features[1].running_mean)
+
+
+def _stage1(name, module):
+    return name.startswith(("bn1", "layer1."))
+
+
+@pytest.mark.parametrize("stop_early", [True, False], ids=["stop_early", "full forward"])
+def test_recompute_stop_early(benchmark, stop_early):
+    """A selection that ends early in the model (stem and stage 1 of a ResNet-50): the pass
+    ends each forward after the last selected layer unless told not to."""
+    benchmark.group = "recompute ResNet-50 width 16, stem + stage 1 selected, 4 batches of 16"
+    torch.manual_seed(0)
+    model = resnet50(10, width=16).eval()
+    data = [torch.randn(16, 3, 64, 64) * 2.0 + 3.0 for _ in range(4)]
+    stats = benchmark(recompute_bn_stats, model, data, layers=_stage1, stop_early=stop_early,
+                      apply=False)
+    assert len(stats) == 11
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_forward_context(benchmark, mode):
+    """The pass runs the model under no_grad, not inference_mode (tensors a model caches must
+    stay usable afterwards): what that costs on a ResNet-50 forward."""
+    benchmark.group = "ResNet-50 width 16 forward, 4 batches of 16, BN on batch statistics"
+    torch.manual_seed(0)
+    model = resnet50(10, width=16).eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.train()
+    data = [torch.randn(16, 3, 64, 64) * 2.0 + 3.0 for _ in range(4)]
+    ctx = torch.no_grad if mode == "no_grad" else torch.inference_mode
+
+    def run():
+        with ctx():
+            return [model(x) for x in data]
+
+    out = benchmark(run)
+    assert len(out) == 4 and not out[0].requires_grad
