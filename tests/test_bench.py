@@ -153,6 +153,28 @@ def test_recompute_peers_errors_are_what_they_are():
     assert errs["torch-swa-update_bn"]["var"] > 1e-4
 
 
+def test_cli_quick_end_to_end(tmp_path):
+    """The preset a user runs on a CPU-only machine, whole (about a minute on one thread)."""
+    out = tmp_path / "quick"
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    rc = main(["--quick", "--threads", "1", "--out", str(out), "--no-progress"])
+    # the caller's thread setting and random state are restored
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
+    result = json.loads((out / "results.json").read_text())
+    assert rc == 0, result["errors"]
+    assert result["preset"] == "quick" and not result["skipped"]
+    kern = [r for r in result["records"] if r["bench"] == "batch_norm"]
+    assert len({tuple(r["shape"]) for r in kern}) == len(batchnorm.QUICK_SHAPES)
+    assert {r["baseline"] for r in kern} >= {"torch-eager", "torch-compile", "torch-var_mean"}
+    rec = [r for r in result["records"] if r["bench"] == "recompute"]
+    setups = recompute.setups("quick", CPU)
+    assert {r["model"] for r in rec} == {s.name for s in setups}
+    assert sum(r["headline"] for r in rec) == len(setups) * len(recompute.BASELINES)
+    assert all(r["err"] < 1e-5 for r in rec)  # every fastpbn row exact to float32
+    for png in ("speedup.png", "roofline.png", "recompute.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+
+
 def test_recompute_feature_rows_by_device():
     """Rows that switch one throughput feature off; the host-copy rows only where the batches
     can be copied to a device, with the batches handed over in host memory."""

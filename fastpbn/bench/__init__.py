@@ -93,13 +93,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     out_dir = args.out or os.path.join("bench", "results", device_slug(device))
     os.makedirs(out_dir, exist_ok=True)
     budget = args.budget if args.budget is not None else cfg["budget_s"]
-    if args.threads is not None:
-        if args.threads < 1:
-            raise SystemExit(f"--threads must be >= 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    if args.threads is not None and args.threads < 1:
+        raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    threads = torch.get_num_threads()
+    gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
+        if device.type == "cuda" else []
+    try:
+        # a caller in the same process keeps its thread setting and random state
+        with torch.random.fork_rng(devices=gpus):
+            if args.threads is not None:
+                torch.set_num_threads(args.threads)
+            return _run(args, device, preset, cfg, out_dir, budget)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args, device: torch.device, preset: str, cfg: dict, out_dir: str,
+         budget: float) -> int:
     t_start = time.perf_counter()
     torch.manual_seed(0)
-
     try:
         copy_gbps = copy_bandwidth(device, cfg["copy_bytes"], **cfg["timing"])
     except Exception as e:  # noqa: BLE001 - GB/s is still reported; % of copy is then empty
