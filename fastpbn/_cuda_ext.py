@@ -1,7 +1,7 @@
 """The ``cuda`` backend: Python side of the CUDA C++ kernels in ``csrc/`` (``fastpbn._csrc``).
 
 The extension is JIT-built once with ``torch.utils.cpp_extension.load`` (ninja, ``-gencode`` for
-the local GPU's architecture) into torch's extension cache (``TORCH_EXTENSIONS_DIR``), so later
+the local GPUs' architectures) into torch's extension cache (``TORCH_EXTENSIONS_DIR``), so later
 processes only load it. Importing this module builds nothing and imports neither triton nor
 ``torch.utils.cpp_extension``. A failed build is remembered: :func:`not_supported_reasons` then
 reports its message and dispatch moves on instead of rebuilding on every call.
@@ -110,19 +110,20 @@ def _summarize(e: BaseException) -> str:
 def _build():
     from torch.utils.cpp_extension import load as load_extension
 
-    major, minor = torch.cuda.get_device_capability()
+    # every visible GPU's architecture: a process may drive GPUs of different generations
+    caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
     ninja = _find_ninja()
     path = os.environ.get("PATH", "")
     if ninja and shutil.which("ninja") is None:
         os.environ["PATH"] = os.path.dirname(ninja) + os.pathsep + path
     arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if not arch_list:  # the local GPU only (sm_90 on Hopper), without torch's warning
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    if not arch_list:  # the local GPUs only (sm_90 on Hopper), without torch's warning
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(f"{a}.{b}" for a, b in caps)
     try:
         with _source_dir() as src:
             sources = sorted(str(p) for p in src.glob("*.cu")) + [str(src / "fastpbn_cuda.cpp")]
             return load_extension(
-                name=f"fastpbn_cuda_sm{major}{minor}",
+                name="fastpbn_cuda_" + "_".join(f"sm{a}{b}" for a, b in caps),
                 sources=sources,
                 extra_include_paths=[str(src)],
                 extra_cflags=["-O3"],

@@ -206,11 +206,16 @@ def test_build_targets_the_local_gpu_from_installed_sources(monkeypatch):
         return "module"
 
     monkeypatch.setattr(cpp_extension, "load", fake_load)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: (9, 0))
+    caps = [(9, 0)]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(caps))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i=None: caps[i or 0])
     monkeypatch.delenv("TORCH_CUDA_ARCH_LIST", raising=False)
     assert _cuda_ext._build() == "module"
     assert seen["name"] == "fastpbn_cuda_sm90" and seen["arch"] == "9.0"
     assert "TORCH_CUDA_ARCH_LIST" not in os.environ  # restored
+    caps[:] = [(9, 0), (8, 0), (9, 0)]  # GPUs of two generations: one build for both
+    assert _cuda_ext._build() == "module"
+    assert seen["name"] == "fastpbn_cuda_sm80_sm90" and seen["arch"] == "8.0;9.0"
     names = sorted(pathlib.Path(s).name for s in seen["sources"])
     assert names == ["fastpbn_cuda.cpp", "grad_input.cu", "grad_reduce.cu", "normalize.cu",
                      "stats.cu"]
