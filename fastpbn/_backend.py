@@ -39,7 +39,8 @@ class Backend:
         ``momentum=None`` means the cumulative average ``1 / num_batches_tracked`` (already
         incremented by the caller, read on the device). ``acc`` is None or a float64
         ``(count, mean, m2)`` triple of (C,) tensors into which the batch is merged (Chan).
-        ``y`` keeps x's shape, dtype and memory format; save_mean / save_invstd are float32.
+        ``y`` keeps x's shape, dtype and memory format; save_mean / save_invstd are float32
+        (float64 for float64 x, which only the torch backend serves).
     ``forward_eval(x, weight, bias, running_mean, running_var, eps) -> y``
     ``backward(grad_out, x, weight, mean, invstd, training, output_mask) -> (dx, dw, db)``
         ``mean``/``invstd`` are the saved batch statistics (training) or the running ones

@@ -22,6 +22,12 @@ def _param_grad(x: Tensor, weight: Optional[Tensor]) -> Tensor:
     return x.new_empty(x.shape[1], dtype=weight.dtype if weight is not None else torch.float32)
 
 
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the saved statistics (mean, invstd): float64 for float64 x (served by the
+    torch backend), else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 @torch.library.custom_op(
     "fastpbn::batch_norm_train",
     mutates_args=("running_mean", "running_var", "acc_count", "acc_mean", "acc_m2"),
@@ -56,8 +62,8 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
     c = x.shape[1]
     return (
         torch.empty_like(x),
-        x.new_empty(c, dtype=torch.float32),
-        x.new_empty(c, dtype=torch.float32),
+        x.new_empty(c, dtype=stats_dtype(x)),
+        x.new_empty(c, dtype=stats_dtype(x)),
     )
 
 
@@ -162,8 +168,9 @@ class BatchNormEval(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, running_mean, running_var = ctx.saved_tensors
-        invstd = torch.rsqrt(running_var.float() + ctx.eps)
-        grads = _grads(ctx, grad_y, x, weight, running_mean.float(), invstd, False)
+        work = stats_dtype(x)
+        invstd = torch.rsqrt(running_var.to(work) + ctx.eps)
+        grads = _grads(ctx, grad_y, x, weight, running_mean.to(work), invstd, False)
         return (*grads, None, None, None)
 
 

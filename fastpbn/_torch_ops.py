@@ -178,8 +178,9 @@ def _var_from_invstd_(invstd: Tensor, eps: float) -> Tensor:
 
 
 def moments64(pivot: Tensor, mean_s: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
-    """Float64 (mean, biased var) from what :func:`batch_norm_train` wrote."""
-    return mean_s.double().add_(pivot), var.double()
+    """Float64 (mean, biased var) from what :func:`batch_norm_train` wrote (new tensors: for
+    float64 x, ``.double()`` would alias the inputs)."""
+    return mean_s.double() + pivot, var.double().clone()
 
 
 def _batch_norm_train64(
@@ -229,18 +230,19 @@ def forward_train(
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, factor, eps
         )
-        return y, save_mean.float(), save_invstd.float()
+        work = _work_dtype(x)
+        return y, save_mean.to(work), save_invstd.to(work)
     # one exact statistics pass serves the normalization, the float64 state and running stats
     n = x.numel() // x.shape[1]
     pivot, mean_s, var = torch.empty(3, x.shape[1], dtype=_work_dtype(x), device=x.device)
     y = batch_norm_train(x, weight, bias, eps, pivot, mean_s, var)
     if acc is not None:
         _merge_batch(acc, *moments64(pivot, mean_s, var), n)
-    mean = mean_s.add_(pivot).float()
+    mean = mean_s.add_(pivot)  # float32; float64 for float64 x (its saved statistics too)
     if running_mean is not None:  # PyTorch's rule: the unbiased variance goes into running_var
         running_mean.lerp_(mean.to(running_mean.dtype), factor)
         running_var.lerp_(var.mul(n / max(n - 1, 1)).to(running_var.dtype), factor)
-    return y, mean, var.add_(eps).rsqrt_().float()
+    return y, mean, var.add_(eps).rsqrt_()
 
 
 # Below this many values an eager module call is faster through PyTorch's kernel and C++
@@ -298,14 +300,14 @@ def backward(
             grad_out, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
         )
     else:
-        dims = _reduce_dims(x)
-        g = grad_out.float()
+        dims, work = _reduce_dims(x), _work_dtype(x)
+        g = grad_out.to(work)
         dx = dw = db = None
         if output_mask[0]:
-            scale = invstd if weight is None else invstd * weight.float()
+            scale = invstd if weight is None else invstd * weight.to(work)
             dx = (g * _channel_view(scale, x)).to(x.dtype)
         if output_mask[1]:
-            xhat = (x.float() - _channel_view(mean, x)) * _channel_view(invstd, x)
+            xhat = (x.to(work) - _channel_view(mean, x)) * _channel_view(invstd, x)
             dw = (g * xhat).sum(dims)
         if output_mask[2]:
             db = g.sum(dims)

@@ -151,6 +151,31 @@ def test_large_cpu_training_steps(channels_last, momentum):
     check_step(stock, ours, shifted(*shape, channels_last=channels_last), "sum")
 
 
+@pytest.mark.parametrize("shape", [(4, 3, 3, 3), (4, 4, 130, 130)])  # small; centred path
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_float64_matches_stock_float64(shape, accumulate):
+    """float64 layers (torch backend) keep float64 statistics for backward and the running
+    stats, with and without an accumulator: outputs, gradients and buffers equal stock float64
+    to ~1e-12."""
+    fastpbn.set_backend("torch")
+    torch.manual_seed(0)
+    stock = nn.BatchNorm2d(shape[1]).double()
+    ours = FastPreciseBN2d(shape[1]).double()
+    if accumulate:
+        ours.accumulator = fastpbn.WelfordState(shape[1])
+    x = (torch.randn(*shape, dtype=torch.float64) * 1e-3 + 1.0).requires_grad_()
+    g = torch.randn(*shape, dtype=torch.float64)
+    ys, yo = stock(x), ours(x)
+    (gs,), (go,) = (torch.autograd.grad(y, x, g) for y in (ys, yo))
+    torch.testing.assert_close(yo, ys, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(go, gs, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(ours.running_mean, stock.running_mean, rtol=1e-14, atol=0)
+    torch.testing.assert_close(ours.running_var, stock.running_var, rtol=1e-12, atol=0)
+    if shape[2] < 10:
+        x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(ours, (x,))
+
+
 def test_inference_mode_then_normal_mode():
     """Buffers the torch backend reuses across calls (CPU scratch) must not become inference
     tensors: a training forward under ``torch.inference_mode`` and then outside it both work."""
