@@ -58,6 +58,9 @@ def _thread_buffer(kind: str, dtype: torch.dtype, need: int) -> Tensor:
     return buf
 
 
+_LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
+
+
 def _scratch_like(x: Tensor) -> Tensor:
     """An uninitialised float32 (float64 for float64 x) tensor laid out like empty_like(x)."""
     need, dtype = x.numel(), _work_dtype(x)
@@ -66,7 +69,7 @@ def _scratch_like(x: Tensor) -> Tensor:
     if x.device.type != "cpu" or need * (8 if dtype == torch.float64 else 4) > _SCRATCH_MAX_BYTES:
         return torch.empty_like(x, dtype=dtype)
     buf = _thread_buffer("scratch", dtype, need)
-    if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
+    if x.is_contiguous() or any(x.is_contiguous(memory_format=f) for f in _LAST_FORMATS):
         return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
     return buf[:need].view(x.shape)
 
@@ -90,6 +93,20 @@ def _centred_ok(x: Tensor) -> bool:
             and x.is_contiguous())
 
 
+def _sums_in_float32(x: Tensor) -> bool:
+    """Whether PyTorch's CPU training kernel would sum x's channels in float32: its
+    channels-last path, which serves channels_last 4-d / 5-d tensors and every (N, C) or
+    (N, C, 1...) input. Its variance is then off by ~1e-5 at 10^5 values per channel
+    (measured; its other paths sum in float64, ~1e-7), so statistics that are kept (an
+    accumulator, ``batch_stats``) take the centred passes instead."""
+    if x.device.type != "cpu":
+        return False
+    if x.numel() == x.shape[0] * x.shape[1]:
+        return True
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
+    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+
+
 def _channel_mean(x: Tensor, out: Tensor) -> Tensor:
     """Per-channel mean of x (N, C, *) into ``out`` (C,). Small spatial extents of contiguous
     x reduce over N first (rows of C·HW values add with full vectors)."""
@@ -109,21 +126,28 @@ def batch_norm_train(
     float64 x). Exact at any |mean|/std: every statistic is taken on data centred near the
     mean, never as E[x²] − E[x]².
 
-    Large contiguous CPU float tensors: a centred two-pass computation in vectorized PyTorch
-    passes, ~2–3x faster than PyTorch's NCHW CPU training kernel. K is the mean from a first
+    Large contiguous CPU float tensors (~2–3x faster than PyTorch's NCHW CPU training kernel),
+    and the CPU layouts whose PyTorch kernel sums in float32 (:func:`_sums_in_float32`; for
+    exactness; fp16 / bf16 there are converted to float32 first): a centred two-pass
+    computation in vectorized PyTorch passes. K is the mean from a first
     pass; d = x − K; mean_s = mean(d) and var = mean(d²) − mean_s² (the corrected two-pass
     algorithm: mean_s is only K's rounding error, so nothing cancels); y = (d − mean_s)·w/
-    sqrt(var + eps) + b by PyTorch's eval kernel on d. Everything else: PyTorch's training
-    kernel (two-pass; float64 accumulation on CPU for NCHW) run on x − K with K a sample of
-    each channel, var from its invstd.
+    sqrt(var + eps) + b by PyTorch's eval kernel on d. Everything else (small NCHW CPU
+    tensors, where PyTorch's kernel sums in float64; other devices): PyTorch's training kernel
+    run on x − K with K a sample of each channel, var from its invstd.
 
     ``shift=False`` is for data whose |mean|/std is known to be small (see
     :func:`mean_dwarfs_std`), where K's rounding is ~1e-6 of the std at most: the large-tensor
     path skips the correction pass and d (var = mean((x − K)²), y from x); on contiguous x the
-    other one runs PyTorch's kernel on x itself (K = 0; its NCHW kernel accumulates in float64,
-    its channels_last one in float32, so those stay shifted). Fewer passes, same accuracy.
+    other one runs PyTorch's kernel on x itself (K = 0). Fewer passes, same accuracy.
     """
-    if _centred_ok(x):
+    if _centred_ok(x) or _sums_in_float32(x):
+        if x.dtype not in (torch.float32, torch.float64):
+            x, out_dtype = x.float(), x.dtype
+            if weight is not None:
+                weight, bias = weight.float(), None if bias is None else bias.float()
+        else:
+            out_dtype = x.dtype
         _channel_mean(x, pivot)
         y = torch.empty_like(x)  # first holds the squared deviations
         if shift:
@@ -135,10 +159,11 @@ def batch_norm_train(
             mean_s.zero_()
             _channel_mean(torch.sub(x, _channel_view(pivot, x), out=y).square_(), var)
         empty = _empty(x)
-        return torch.ops.aten.native_batch_norm.out(
+        torch.ops.aten.native_batch_norm.out(
             src, weight, bias, centre, var, False, 0.0, eps,
             out=y, save_mean=empty, save_invstd=empty,
-        )[0]
+        )
+        return y.to(out_dtype)
     if shift or not x.is_contiguous():  # other layouts' kernel accumulates in float32
         pivot.copy_(x[(0, slice(None)) + (0,) * (x.dim() - 2)])
         d = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))
@@ -296,8 +321,11 @@ def backward(
     output_mask: tuple[bool, bool, bool],
 ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     if training:
+        # fp16 / bf16 x with float32 statistics: PyTorch's mixed-dtype rule wants float32
+        # parameters too (the gradients go back to the parameters' dtype below)
+        w = weight if weight is None or weight.dtype == mean.dtype else weight.to(mean.dtype)
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            grad_out, x, weight, None, None, mean, invstd, True, 0.0, list(output_mask)
+            grad_out, x, w, None, None, mean, invstd, True, 0.0, list(output_mask)
         )
     else:
         dims, work = _reduce_dims(x), _work_dtype(x)
