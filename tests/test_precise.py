@@ -582,6 +582,22 @@ def test_cuda_graph_and_pinned_prefetch_match_eager(convert):
 
 
 @pytest.mark.gpu
+def test_cuda_graph_with_a_pinning_dataloader():
+    """A DataLoader whose pin-memory thread allocates pinned buffers while the forward is being
+    captured: the capture (thread-local) neither fails nor breaks the loader."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    model = cnn(28).cuda()
+    data = torch.cat([shifted(16, 1, 8, 8) for _ in range(8)])
+    loader = DataLoader(TensorDataset(data), batch_size=16, num_workers=2, pin_memory=True)
+    eager = recompute_bn_stats(model, loader, batch_size=32, apply=False)
+    graph = recompute_bn_stats(model, loader, batch_size=32, apply=False, cuda_graph=True)
+    for n in eager:
+        torch.testing.assert_close(graph[n].mean, eager[n].mean, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(graph[n].var, eager[n].var, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("convert", [False, True])
 def test_gpu_pass_does_not_synchronize_between_batches(convert):
     """No host synchronization per batch: from the second forward to the last, any

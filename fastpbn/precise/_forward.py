@@ -72,7 +72,9 @@ class Forward:
         self.static = map_tensors(lambda t: t.clone(), x)
         graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph):
+            # thread-local: other threads' CUDA calls (a DataLoader's pin-memory thread
+            # allocating pinned buffers) neither invalidate the capture nor fail themselves
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
                 self.eager(self.static)  # StopForward is absorbed inside: capture ends cleanly
         except RuntimeError as e:
             raise RuntimeError(

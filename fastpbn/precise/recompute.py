@@ -72,8 +72,9 @@ def recompute_bn_stats(
         input_fn: ``input_fn(item)`` -> model input (tensor or structure of tensors).
         forward_fn: ``forward_fn(model, inputs)`` runs the model; default ``model(inputs)``.
         device: where inputs go (non-blocking copies from pinned memory, overlapped with the
-            previous batch's forward on CUDA). None: the selected layers' device when they
-            share one.
+            previous batch's forward on CUDA; so a loader must not refill a pinned tensor it
+            has already handed out, as ``DataLoader(pin_memory=True)`` never does). None: the
+            selected layers' device when they share one.
         tol: stop once, in every selected layer and channel, the standard error of the mean
             (from the spread of per-call means) is at most ``tol`` x the population std;
             ``num_samples``/``num_batches`` are then upper limits. Distributed: every rank
