@@ -678,3 +678,71 @@ def test_cpu_pass_keeps_the_shift_only_where_the_mean_dwarfs_the_std():
     # layer 2 sees layer 0's output: the stock forward behind the truth normalizes data at
     # |mean|/std = 1e4 with a rounded mean (ours is shifted), so the truth itself is off there
     assert_close_to_truth({"2": stats["2"]}, {"2": truth["2"]}, rtol=1e-4)
+
+
+class _ScaledStockBN(nn.BatchNorm2d):
+    """A stock subclass whose forward normalizes something other than its input."""
+
+    def forward(self, x):
+        return super().forward(x * 10)
+
+
+class _ScaledFastBN(FastPreciseBN2d):
+    def forward(self, x):
+        return super().forward(x * 10)
+
+
+class _BatchNormAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d pattern: its own forward, F.batch_norm on its buffers, then act."""
+
+    def forward(self, x):
+        factor = 0.0 if self.momentum is None else self.momentum
+        bn_training = self.training or self.running_mean is None
+        use = not self.training or self.track_running_stats
+        y = nn.functional.batch_norm(x, self.running_mean if use else None,
+                                     self.running_var if use else None, self.weight, self.bias,
+                                     bn_training, factor, self.eps)
+        return torch.relu(y)
+
+
+def _subclass_model(seed):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(2, 3, 3), _ScaledStockBN(3), _ScaledFastBN(3),
+                         _BatchNormAct(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+
+@pytest.mark.parametrize("estimator", ["population", "batch_mean"])
+def test_bn_subclasses_keep_their_own_forward(estimator):
+    """Only the exact stock and FastPreciseBN classes get the pass's fast forwards (the CPU
+    fast path, the borrowed forward): a subclass's own forward still runs (its activation, its
+    input scaling), so every later layer sees what it sees in the model. A FastPreciseBN
+    subclass is measured on what it normalizes; a stock subclass at its input (documented)."""
+    model = _subclass_model(40)
+    batches = [shifted(8, 2, 6, 6) for _ in range(4)]
+    snap = snapshot(model)
+    stats = recompute_bn_stats(model, batches, batch_size=8, estimator=estimator, apply=False)
+    assert_unchanged(model, snap)
+    truth = ground_truth(model, batches)
+    t = truth["2"]  # _ScaledFastBN normalizes 10x its input
+    t.update(mean=t["mean"] * 10, bmean=t["bmean"] * 10, var=t["var"] * 100,
+             bvar=t["bvar"] * 100)
+    assert_close_to_truth(stats, truth, estimator, rtol=1e-5)
+
+
+def test_update_bn_stats_on_bn_subclasses():
+    """fvcore's semantics (it reads the buffers each forward wrote) for subclasses that
+    normalize their input, or reach FastPreciseBN's forward; a stock subclass that transforms
+    its input is measured at its input."""
+    fvcore = pytest.importorskip("fvcore.nn.precise_bn")
+    model = _subclass_model(41)
+    batches = [torch.randn(8, 2, 6, 6) + 1 for _ in range(3)]
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    update_bn_stats(ours, batches, num_iters=3)
+    fvcore.update_bn_stats(theirs, batches, num_iters=3)
+    for i in (2, 3, 5):
+        torch.testing.assert_close(ours[i].running_mean, theirs[i].running_mean,
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(ours[i].running_var, theirs[i].running_var,
+                                   rtol=1e-4, atol=1e-5)
+    truth = ground_truth(model, batches, names=["1"])["1"]
+    torch.testing.assert_close(ours[1].running_mean.double(), truth["mean"], rtol=1e-5, atol=0)

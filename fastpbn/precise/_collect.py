@@ -5,7 +5,10 @@ Statistics are gathered without writing any buffer: selected layers run with
 ``track_running_stats=False`` (batch statistics, no EMA update, no ``num_batches_tracked``
 increment) while FastPreciseBN layers merge each batch into ``layer.accumulator`` inside their
 statistics kernel and other BN layers feed a forward pre-hook. So an interrupted pass leaves
-every buffer as it was, and restoring the model is resetting a few attributes.
+every buffer as it was, and restoring the model is resetting a few attributes. Subclasses
+keep their own ``forward`` (only the exact stock and FastPreciseBN classes get the pass's fast
+forwards): a FastPreciseBN subclass accumulates whatever its forward normalizes through
+``FastPreciseBN.forward``; a stock subclass is measured at its input, by the pre-hook.
 """
 
 from __future__ import annotations
@@ -186,10 +189,9 @@ class PassState:
             if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
         ]
         # layers whose forward is replaced for the pass (stock ones borrow FastPreciseBN's; on
-        # the CPU fast path both kinds get a FlatStats forward)
+        # the CPU fast path both kinds get a FlatStats forward): the exact classes only
         self.forwards = [
-            (m, m.__dict__.get("forward", _MISSING)) for _, m in layers
-            if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
+            (m, m.__dict__.get("forward", _MISSING)) for _, m in layers if type(m) in EXACT_TYPES
         ]
         self.flat: Optional[FlatStats] = None
         # buffers are not written during a pass; a copy is still put back for BN subclasses of
@@ -278,7 +280,7 @@ class PassState:
 def _flat_eligible(m: nn.Module, acc: LayerAccumulator) -> bool:
     """The CPU fast path serves the population estimator of float32 CPU layers (when the
     torch backend serves the CPU: not when another backend is forced)."""
-    if acc.per_call or not (isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES):
+    if acc.per_call or type(m) not in EXACT_TYPES:  # subclasses keep their own forward
         return False
     return m.running_mean.device.type == "cpu" and m.running_mean.dtype == torch.float32
 

@@ -68,7 +68,9 @@ def recompute_bn_stats(
             weight average of per-call means and unbiased variances (``swa_utils.update_bn``,
             pycls, mmpretrain).
         layers: which BN layers to recompute: a list of modules or ``fn(name, module) ->
-            bool``; None: every BN layer with running statistics.
+            bool``; None: every BN layer with running statistics. Subclasses keep their own
+            ``forward``; a FastPreciseBN subclass is measured on what it normalizes (through
+            ``FastPreciseBN.forward``), any other BN layer on its input.
         input_fn: ``input_fn(item)`` -> model input (tensor or structure of tensors).
         forward_fn: ``forward_fn(model, inputs)`` runs the model; default ``model(inputs)``.
         device: where inputs go (non-blocking copies from pinned memory, overlapped with the
