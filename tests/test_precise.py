@@ -746,3 +746,22 @@ def test_update_bn_stats_on_bn_subclasses():
                                    rtol=1e-4, atol=1e-5)
     truth = ground_truth(model, batches, names=["1"])["1"]
     torch.testing.assert_close(ours[1].running_mean.double(), truth["mean"], rtol=1e-5, atol=0)
+
+
+class _KeywordCall(nn.Module):
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(input=x)  # the parameter name of the stock forward
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d, FastPreciseBN2d])
+def test_layer_called_with_the_input_keyword(bn):
+    torch.manual_seed(42)
+    model = _KeywordCall(bn(3))
+    batches = [shifted(8, 3, 4, 4) for _ in range(2)]
+    assert_close_to_truth(recompute_bn_stats(model, batches, apply=False),
+                          ground_truth(model, batches, forward=lambda m, x: m.bn(x)))
+    update_bn_stats(model, batches, num_iters=2)
