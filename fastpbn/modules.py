@@ -67,31 +67,20 @@ _REPLACEMENTS = {
 
 
 def convert_model(module: nn.Module) -> nn.Module:
-    """Replace every stock ``nn.BatchNorm1d/2d/3d`` in ``module`` by its FastPreciseBN twin.
+    """Turn every stock ``nn.BatchNorm1d/2d/3d`` in ``module`` into its FastPreciseBN twin.
 
-    Children are replaced in place; the (possibly new) root is returned. Parameters and buffers
-    are the same tensor objects (device, dtype, ``requires_grad`` and optimizer references are
-    kept), and so is ``training``. Subclasses such as ``nn.SyncBatchNorm`` and lazy BN layers
-    are left as they are: they have their own semantics (cross-process statistics, deferred
-    shapes) that a drop-in swap would change.
+    In place: each layer's class is switched, so it stays the same object -- a layer shared by
+    several parents stays shared, and its parameters and buffers (device, dtype,
+    ``requires_grad``, optimizer references), hooks, ``training`` flag and any other attribute
+    are kept. Subclasses such as ``nn.SyncBatchNorm`` and lazy BN layers are left as they are:
+    they have their own semantics (cross-process statistics, deferred shapes) that a drop-in
+    swap would change.
 
     Returns:
-        The converted module.
+        ``module`` (converted itself when it is a stock BN layer).
     """
-    new = _REPLACEMENTS.get(type(module))
-    out = module
-    if new is not None:
-        out = new(
-            module.num_features, module.eps, module.momentum, module.affine,
-            module.track_running_stats, device="meta",
-        )
-        for name in ("weight", "bias"):
-            setattr(out, name, getattr(module, name))
-        for name in ("running_mean", "running_var", "num_batches_tracked"):
-            out._buffers[name] = module._buffers.get(name)
-        out.training = module.training
-        if hasattr(module, "qconfig"):
-            out.qconfig = module.qconfig
-    for name, child in module.named_children():
-        out.add_module(name, convert_model(child))
-    return out
+    for m in module.modules():
+        new = _REPLACEMENTS.get(type(m))
+        if new is not None:
+            m.__class__ = new
+    return module

@@ -362,3 +362,19 @@ def test_convert_model():
     assert_close(model(x), expected, 1e-4, "converted model output")
     root = fastpbn.convert_model(nn.BatchNorm2d(3).double())
     assert type(root) is FastPreciseBN2d and root.weight.dtype == torch.float64
+
+
+def test_convert_model_keeps_shared_layers_and_hooks():
+    """Conversion switches each layer's class in place: a layer shared by two parents stays
+    one layer, and its hooks and extra attributes stay with it."""
+    bn = nn.BatchNorm2d(3).to(DEVICE)
+    seen = []
+    bn.register_forward_hook(lambda m, args, out: seen.append(type(m)))
+    bn.tag = "stem"
+    model = nn.ModuleDict({"a": bn, "b": nn.Sequential(bn)})
+    fastpbn.convert_model(model)
+    assert model["a"] is model["b"][0] is bn and type(bn) is FastPreciseBN2d
+    assert bn.tag == "stem"
+    model["b"](shifted(4, 3, 5, 5))
+    assert seen == [FastPreciseBN2d]
+    assert bn.num_batches_tracked.item() == 1
