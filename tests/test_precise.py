@@ -521,6 +521,44 @@ def test_apply_errors_change_nothing():
         stats.apply(nn.Sequential())
 
 
+def test_apply_into_inference_buffers_names_the_layer_and_writes_nothing():
+    """The last layer's buffers cannot be written (inference tensors): the error names it and
+    nothing is written."""
+    model = cnn(29)
+    stats = recompute_bn_stats(model, [shifted(32, 1, 8, 8)], apply=False)
+    last = model.features[8]
+    with torch.inference_mode():
+        rm, rv = last.running_mean.clone(), last.running_var.clone()
+    last.running_mean, last.running_var = rm, rv
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="features.8.*inference"):
+        stats.apply(model)
+    assert_unchanged(model, snap)
+    with torch.inference_mode():
+        stats.apply(model)
+    assert torch.equal(last.running_mean, stats["features.8"].mean.float())
+
+
+def test_invalid_stats_are_rejected_on_construction_and_load(tmp_path):
+    with pytest.raises(ValueError, match="layer 'bn'.*finite"):
+        PopulationStats({"bn": ([0.0, float("nan")], [1.0, 1.0], [4, 4])})
+    with pytest.raises(ValueError, match="layer 'bn'.*non-negative"):
+        PopulationStats({"bn": ([0.0, 0.0], [1.0, -1.0], [4, 4])})
+    good = PopulationStats({"bn": ([0.0, 1.0], [1.0, 2.0], [4, 4])})
+    path = tmp_path / "stats.safetensors"
+    good.save(path)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])  # truncated
+    with pytest.raises(ValueError, match="stats.safetensors: cannot read PopulationStats"):
+        PopulationStats.load(path)
+    foreign = tmp_path / "weights.pt"
+    torch.save({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(ValueError, match="weights.pt: cannot read PopulationStats: missing"):
+        PopulationStats.load(foreign)
+    with pytest.raises(FileNotFoundError):
+        PopulationStats.load(tmp_path / "absent")
+
+
 def test_drift_reports_how_far_the_ema_is():
     model = cnn(23)
     stats = recompute_bn_stats(model, [shifted(64, 1, 8, 8)])

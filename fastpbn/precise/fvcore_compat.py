@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ._collect import CallTracker, LayerAccumulator, PassState, has_running_stats
+from .population import PopulationStats
 
 # fvcore's BN_MODULE_TYPES (FastPreciseBN layers are subclasses, so they count too)
 BN_MODULE_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -76,14 +77,14 @@ def update_bn_stats(
             raise ValueError(f"update_bn_stats is meant to run for {num_iters} iterations, but "
                              f"data_loader stopped after {ran}")
         results, unused, bad = [], [], []
-        for (name, m), acc in zip(layers, accs):
+        for (name, _), acc in zip(layers, accs):
             mean, var, count = acc.estimate("population", unbiased=False)
             if not bool((count > 0).all()):
                 unused.append(name)
             elif not bool(torch.isfinite(mean).all() and torch.isfinite(var).all()):
                 bad.append(name)
             else:
-                results.append((m, mean, var))
+                results.append((name, (mean, var, count)))
         if bad:
             raise ValueError(f"non-finite statistics (NaN/Inf) in BN layer(s) {bad}; the model "
                              "is unchanged")
@@ -92,10 +93,8 @@ def update_bn_stats(
     if unused:
         warnings.warn(f"update_bn_stats: BN layer(s) {unused} never ran; left unchanged",
                       stacklevel=2)
+    PopulationStats(dict(results)).apply(model)  # checked first, all or nothing
     with torch.no_grad():
-        for m, mean, var in results:
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
         for (_, m), c in zip(layers, calls):
             if m.num_batches_tracked is not None and m.track_running_stats:
                 m.num_batches_tracked.add_(c)

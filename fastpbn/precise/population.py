@@ -45,6 +45,10 @@ class PopulationStats(Mapping):
             mean, var, count = (_cpu_f64(v) for v in value)
             if not (mean.numel() == var.numel() == count.numel()):
                 raise ValueError(f"layer {name!r}: mean, var and count differ in length")
+            if not (mean.isfinite().all() and var.isfinite().all() and (var >= 0).all()
+                    and count.isfinite().all() and (count >= 0).all()):
+                raise ValueError(f"layer {name!r}: mean, var and count must be finite, var and "
+                                 "count non-negative")
             self._layers[name] = LayerStats(mean, var, count)
         self.estimator = estimator
         self.num_samples = int(num_samples)
@@ -90,6 +94,10 @@ class PopulationStats(Mapping):
         rm, rv = m.running_mean, m.running_var
         if rm.numel() != c or rv.numel() != c:
             raise ValueError(f"layer {name!r} has {rm.numel()} channels, these stats have {c}")
+        if (rm.is_inference() or rv.is_inference()) and not torch.is_inference_mode_enabled():
+            raise ValueError(f"layer {name!r}: its running statistics are inference tensors "
+                             "(made under torch.inference_mode); they can only be written "
+                             "inside it")
         return m
 
     @torch.no_grad()
@@ -97,11 +105,23 @@ class PopulationStats(Mapping):
         """Write ``running_mean``/``running_var`` of every layer named here, in place, in the
         buffers' dtype and device. ``num_batches_tracked`` is left alone. Every layer is
         checked first: a missing name or a channel mismatch raises ``ValueError`` and writes
-        nothing."""
-        modules = [(self._layer(model, name), s) for name, s in self._layers.items()]
-        for m, s in modules:
-            m.running_mean.copy_(s.mean)
-            m.running_var.copy_(s.var)
+        nothing (so do inference-tensor buffers outside inference mode); a write that still
+        fails puts back what was written and raises naming the layer."""
+        modules = [(name, self._layer(model, name), s) for name, s in self._layers.items()]
+        written: list[tuple[Tensor, Tensor]] = []
+        try:
+            for name, m, s in modules:
+                for buf, value in ((m.running_mean, s.mean), (m.running_var, s.var)):
+                    written.append((buf, buf.clone()))  # a failing copy_ may still write
+                    try:
+                        buf.copy_(value)
+                    except RuntimeError as e:
+                        raise RuntimeError(f"layer {name!r}: cannot write its running "
+                                           f"statistics: {e}") from e
+        except BaseException:
+            for buf, saved in reversed(written):
+                buf.copy_(saved)
+            raise
 
     @torch.no_grad()
     def drift(self, model: nn.Module) -> list[dict]:
@@ -161,26 +181,36 @@ class PopulationStats(Mapping):
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike]) -> "PopulationStats":
-        """Load what :meth:`save` wrote (either format), without unpickling code."""
+        """Load what :meth:`save` wrote (either format), without unpickling code.
+
+        Raises:
+            OSError: the file cannot be opened.
+            ValueError: it is not a complete, valid saved PopulationStats (naming the file).
+        """
         with open(path, "rb") as f:
             is_zip = f.read(2) == b"PK"
-        if is_zip:
-            blob = torch.load(path, map_location="cpu", weights_only=True)
-            meta, tensors = blob["metadata"], blob["tensors"]
-        else:
-            from safetensors import safe_open
+        try:
+            if is_zip:
+                blob = torch.load(path, map_location="cpu", weights_only=True)
+                meta, tensors = blob["metadata"], blob["tensors"]
+            else:
+                from safetensors import safe_open
 
-            with safe_open(str(path), framework="pt") as f:
-                meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-        if meta.get("format") != _FORMAT:
-            raise ValueError(f"{path} is not a saved PopulationStats ({meta.get('format')!r})")
-        layers = {n: tuple(tensors[f"{n}.{f}"] for f in _FIELDS)
-                  for n in json.loads(meta["layers"])}
-        return cls(layers, estimator=meta["estimator"], num_samples=int(meta["num_samples"]),
-                   num_batches=int(meta["num_batches"]),
-                   batch_size=json.loads(meta["batch_size"]),
-                   converged=json.loads(meta["converged"]))
+                with safe_open(str(path), framework="pt") as f:
+                    meta = f.metadata() or {}
+                    tensors = {k: f.get_tensor(k) for k in f.keys()}
+            if meta.get("format") != _FORMAT:
+                raise ValueError(f"not a saved PopulationStats (format {meta.get('format')!r})")
+            layers = {n: tuple(tensors[f"{n}.{f}"] for f in _FIELDS)
+                      for n in json.loads(meta["layers"])}
+            return cls(layers, estimator=meta["estimator"],
+                       num_samples=int(meta["num_samples"]),
+                       num_batches=int(meta["num_batches"]),
+                       batch_size=json.loads(meta["batch_size"]),
+                       converged=json.loads(meta["converged"]))
+        except Exception as e:  # a foreign, truncated or incomplete file (it opened above)
+            detail = f"missing entry {e}" if isinstance(e, KeyError) else str(e)
+            raise ValueError(f"{path}: cannot read PopulationStats: {detail}") from e
 
 
 def _cpu_f64(v: Any) -> Tensor:
