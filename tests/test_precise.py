@@ -803,3 +803,29 @@ def test_layer_called_with_the_input_keyword(bn):
     assert_close_to_truth(recompute_bn_stats(model, batches, apply=False),
                           ground_truth(model, batches, forward=lambda m, x: m.bn(x)))
     update_bn_stats(model, batches, num_iters=2)
+
+
+def test_argument_edge_cases():
+    """Integer-like counts (numpy, 0-d tensors) are accepted; 1-sample items, which the pass
+    skips, do not count towards num_batches; uninitialized lazy modules (the first forward
+    would materialize them) and meta layers are refused before anything runs."""
+    np = pytest.importorskip("numpy")
+    torch.manual_seed(43)
+    data = [shifted(8, 3, 4, 4), shifted(1, 3, 4, 4)] + [shifted(8, 3, 4, 4) for _ in range(3)]
+    model = nn.Sequential(nn.BatchNorm2d(3))
+    ref = recompute_bn_stats(model, data, num_samples=20, apply=False)
+    for v in (np.int64(20), torch.tensor(20)):
+        got = recompute_bn_stats(model, data, num_samples=v, apply=False)
+        assert torch.equal(got["0"].var, ref["0"].var) and got.num_samples == 20
+    with pytest.raises(ValueError, match="num_samples"):
+        recompute_bn_stats(model, data, num_samples=torch.tensor(2.5))
+    with pytest.warns(UserWarning, match="1 sample"):
+        stats = recompute_bn_stats(model, data, num_batches=3, apply=False)
+    assert stats.num_batches == 3 and stats.num_samples == 24
+    lazy = nn.Sequential(nn.BatchNorm2d(3), nn.LazyBatchNorm2d())
+    with pytest.raises(ValueError, match=r"uninitialized lazy module\(s\) \['1'\]"):
+        recompute_bn_stats(lazy, data)
+    assert type(lazy[1]) is nn.LazyBatchNorm2d
+    with pytest.raises(ValueError, match="meta device"):
+        recompute_bn_stats(nn.Sequential(nn.BatchNorm2d(3)).to("meta"),
+                           [torch.zeros(8, 3, 4, 4, device="meta")])

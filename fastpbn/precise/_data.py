@@ -81,10 +81,13 @@ def concat(parts: list[Any]) -> Any:
 
 
 def host_batches(
-    data: Iterable, input_fn: Callable, max_samples: Optional[int], max_items: Optional[int]
+    data: Iterable, input_fn: Callable, max_samples: Optional[int], max_items: Optional[int],
+    singles_skipped: bool = False,
 ) -> Iterator[tuple[Any, int]]:
     """(input, samples) per data item, stopping before pulling an item the limits exclude; the
-    item that crosses ``max_samples`` is cut so that exactly ``max_samples`` are used."""
+    item that crosses ``max_samples`` is cut so that exactly ``max_samples`` are used. With
+    ``singles_skipped`` (items are batches as they come), 1-sample items, which the pass
+    skips, still go out but count towards neither limit."""
     it = iter(data)
     pulled = items = 0
     while (max_items is None or items < max_items) and (
@@ -96,6 +99,9 @@ def host_batches(
             return
         x = input_fn(item)
         n = batch_len(x)
+        if singles_skipped and n == 1:
+            yield x, n
+            continue
         if max_samples is not None and pulled + n > max_samples:
             n = max_samples - pulled
             x = map_tensors(lambda t, n=n: t[:n], x)

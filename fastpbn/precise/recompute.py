@@ -7,11 +7,13 @@ statistics, and pool each layer's inputs with equal weight per sample into exact
 
 from __future__ import annotations
 
+import operator
 import warnings
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..stats import WelfordState
 from ._collect import CallTracker, LayerAccumulator, LayerSelection, PassState, select_layers
@@ -102,8 +104,9 @@ def recompute_bn_stats(
             ``num_batches``, non-finite statistics (naming the layers).
         RuntimeError: a selected layer never ran.
     """
-    _check_args(model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every,
-                input_fn, forward_fn)
+    num_samples, num_batches, batch_size, tol_every = _check_args(
+        model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every, input_fn,
+        forward_fn)
     selected = select_layers(model, layers)
     if not selected:
         warnings.warn("recompute_bn_stats: the model has no BatchNorm layer with running "
@@ -135,7 +138,8 @@ def recompute_bn_stats(
             cap = num_batches * batch_size
             max_samples = cap if max_samples is None else min(max_samples, cap)
         source = regroup(on_device(host_batches(data, input_fn or default_input, max_samples,
-                                                max_items), device), batch_size)
+                                                max_items, batch_size is None), device),
+                         batch_size)
         forward = Forward(model, forward_fn, tracker, device if cuda_graph else None)
         with torch.no_grad():  # not inference_mode: tensors a model caches must stay usable
             run = _run(source, forward, accs, tracker, state, tol, tol_every, progress,
@@ -266,15 +270,25 @@ def _estimates(accs, estimator) -> dict:
 
 
 def _check_args(model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every,
-                input_fn, forward_fn) -> None:
+                input_fn, forward_fn) -> list[Optional[int]]:
+    """Check every argument before anything runs; returns the four counts as Python ints
+    (numpy integers and 0-d integer tensors are accepted)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
     if data is None or not hasattr(data, "__iter__"):
         raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}")
+    counts = []
     for name, v, low in (("num_samples", num_samples, 1), ("num_batches", num_batches, 1),
                          ("batch_size", batch_size, 2), ("tol_every", tol_every, 1)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < low):
-            raise ValueError(f"{name} must be an integer >= {low} or None, got {v!r}")
+        if v is not None:
+            try:
+                n = None if isinstance(v, bool) else operator.index(v)
+            except TypeError:
+                n = None
+            if n is None or n < low:
+                raise ValueError(f"{name} must be an integer >= {low} or None, got {v!r}")
+            v = n
+        counts.append(v)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
@@ -282,9 +296,19 @@ def _check_args(model, data, num_samples, num_batches, batch_size, estimator, to
     for name, fn in (("input_fn", input_fn), ("forward_fn", forward_fn)):
         if fn is not None and not callable(fn):
             raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+    lazy = [n or "<model>" for n, m in model.named_modules()
+            if isinstance(m, LazyModuleMixin) and m.has_uninitialized_params()]
+    if lazy:  # the pass's first forward would materialize them: the model would change
+        raise ValueError(f"model has uninitialized lazy module(s) {lazy}; run one forward "
+                         "before recomputing BN statistics")
+    return counts
 
 
 def _resolve_device(device, selected) -> Optional[torch.device]:
+    meta = [n for n, m in selected if m.running_mean.device.type == "meta"]
+    if meta:
+        raise ValueError(f"BN layer(s) {meta} are on the meta device (no data): move the model "
+                         "to a real device first")
     if device is not None:
         return torch.device(device)
     devices = {m.running_mean.device for _, m in selected}
