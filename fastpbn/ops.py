@@ -89,7 +89,11 @@ def batch_norm_train(
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     acc = (None, None, None)
     if accumulator is not None:
-        accumulator._check_input(input)
+        try:
+            accumulator._check_input(input)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"accumulator ({accumulator.num_channels} channels, "
+                          f"{accumulator.device}): {e}") from e
         acc = (accumulator.count, accumulator.mean, accumulator.m2)
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)

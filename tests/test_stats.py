@@ -206,3 +206,13 @@ def test_unshifted_path_is_exact_where_the_mean_is_small(shape):
     # far from zero the same call must be redone shifted, and the check says so
     _torch_ops.batch_norm_train(x + 1e4, weight, bias, 1e-5, pivot, mean_s, var, shift=False)
     assert _torch_ops.mean_dwarfs_std(pivot, mean_s, var)
+
+
+def test_accumulator_that_does_not_fit_the_input_is_named():
+    from fastpbn import FastPreciseBN2d
+
+    layer = FastPreciseBN2d(3)
+    layer.accumulator = WelfordState(4)
+    with pytest.raises(ValueError, match=r"accumulator \(4 channels, cpu\): x must have shape"):
+        layer(torch.randn(2, 3, 4, 4))
+    assert layer.accumulator.count.sum() == 0
