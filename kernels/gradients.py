@@ -10,7 +10,16 @@ from torch import Tensor
 
 from fastpbn._scratch import workspace
 
-from .layout import NUM_WARPS, Plan, num_splits, offsets, on_device, tile_index
+from .layout import (
+    NUM_WARPS,
+    Plan,
+    merge_block,
+    num_splits,
+    offsets,
+    on_device,
+    partials,
+    tile_index,
+)
 
 
 @triton.jit(do_not_specialize=["n_total"])
@@ -26,10 +35,11 @@ def _k3_grad_stats_kernel(
     db_ptr,  # [C] out: dβ = Σdy
     coef_ptr,  # [3, C] float32 out: K4's a, b, c (TRAINING)
     C, S, tiles_s, num_tiles, tiles_per_split, n_total, sdn, sdc, sds, sxn, sxc, sxs,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, HAS_W: tl.constexpr,
-    TRAINING: tl.constexpr, WRITE_DW: tl.constexpr, WRITE_DB: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, MERGE: tl.constexpr,
+    HAS_W: tl.constexpr, TRAINING: tl.constexpr, WRITE_DW: tl.constexpr,
+    WRITE_DB: tl.constexpr,
 ):
-    """Split reduction as in K1 (last program merges the partials in split order) of
+    """Split reduction as in K1 (the last program merges the partials in a fixed order) of
     Σdy and Σdy·(x - mean). With x̂ = (x - mean)·invstd and a = w·invstd, it writes
     dβ = Σdy, dγ = invstd·Σdy·(x - mean) and, for training-mode dx
     dx = a·(dy - Σdy/n - x̂·Σdy·x̂/n) = a·dy + b·(x - mean) + c, the coefficients
@@ -60,10 +70,11 @@ def _k3_grad_stats_kernel(
         tl.atomic_xchg(counter_ptr + pid_c, 0)  # ready for the next launch
         sdy = tl.zeros([BLOCK_C], dtype=tl.float32)
         sdyx = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for j in range(0, splits):
-            sdy += tl.load(part_ptr + j * C + cols, mask=cmask, other=0.0, volatile=True)
-            sdyx += tl.load(part_ptr + (splits + j) * C + cols, mask=cmask, other=0.0,
-                            volatile=True)
+        for j0 in range(0, splits, MERGE):  # MERGE partials per step, summed as a tree
+            po, pm = partials(part_ptr, j0, splits, C, cols, cmask, MERGE)
+            sdy += tl.sum(tl.load(part_ptr + po, mask=pm, other=0.0, volatile=True), axis=0)
+            sdyx += tl.sum(tl.load(part_ptr + splits * C + po, mask=pm, other=0.0,
+                                   volatile=True), axis=0)
         invstd = tl.load(invstd_ptr + cols, mask=cmask, other=0.0).to(tl.float32)
         dw = sdyx * invstd
         if WRITE_DW:
@@ -145,7 +156,8 @@ def k3_k4_backward(
                 dw if dw is not None else ws, db if db is not None else ws, coef,
                 c, p.s, p.tiles_s, p.num_tiles, per_split, p.count, *p.strides[1],
                 *p.strides[0], BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
-                HAS_W=weight is not None, TRAINING=training and dx is not None,
+                MERGE=merge_block(splits, p.block_c), HAS_W=weight is not None,
+                TRAINING=training and dx is not None,
                 WRITE_DW=dw is not None, WRITE_DB=db is not None, num_warps=NUM_WARPS,
             )
         if dx is not None:

@@ -148,6 +148,15 @@ def num_splits(p: Plan, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(p.num_tiles, per_split), per_split  # no empty split
 
 
+def merge_block(splits: int, block_c: int) -> int:
+    """Partials per step (a power of two) of the last program's merge in K1 / K3: a tree
+    reduction of a block of them per step instead of one dependent L2 round trip per split
+    (up to 4 per SM) while the rest of the GPU idles. A quarter tile: the registers stay
+    those of the tile loop (Triton 3.6, sm_90: K1 93-96 per thread; a half tile took 128-156
+    and so fewer resident programs than the 4 per SM the splits assume)."""
+    return max(1, min(triton.next_power_of_2(splits), (TILE // 4) // block_c))
+
+
 def _on_index(device: torch.device):
     if device.type == "cuda" and device.index is not None and (
         device.index != torch.cuda.current_device()
@@ -186,3 +195,22 @@ def offsets(n, rows, cols, sn, sc, ss, IDX64: tl.constexpr):
     if IDX64:
         n, rows, cols = n.to(tl.int64), rows.to(tl.int64), cols.to(tl.int64)
     return n * sn + rows[:, None] * ss + cols[None, :] * sc
+
+
+@triton.jit
+def chan_combine(mean_a, m2_a, n_a, mean_b, m2_b, n_b):
+    """Chan's merge of two (mean, M2, count) groups, ``tl.reduce``'s combine function too:
+    δ = m_b - m_a;  m = m_a + δ·n_b/n;  M2 = M2_a + M2_b + δ²·n_a·n_b/n;  n = n_a + n_b.
+    Two empty groups (masked lanes) stay empty."""
+    n = n_a + n_b
+    w = tl.where(n == 0.0, 0.0, n_b / n)
+    delta = mean_b - mean_a
+    return mean_a + delta * w, m2_a + m2_b + delta * delta * (n_a * w), n
+
+
+@triton.jit
+def partials(part_ptr, j0, splits, C, cols, cmask, MERGE: tl.constexpr):
+    """Offsets and mask of splits [j0, j0 + MERGE) x ``cols`` in a [k, SPLITS, C] workspace
+    (add k·SPLITS·C for field k)."""
+    js = j0 + tl.arange(0, MERGE)
+    return js[:, None] * C + cols[None, :], (js < splits)[:, None] & cmask[None, :]

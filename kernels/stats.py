@@ -10,7 +10,17 @@ from torch import Tensor
 
 from fastpbn._scratch import workspace
 
-from .layout import NUM_WARPS, Plan, num_splits, offsets, on_device, tile_index
+from .layout import (
+    NUM_WARPS,
+    Plan,
+    chan_combine,
+    merge_block,
+    num_splits,
+    offsets,
+    on_device,
+    partials,
+    tile_index,
+)
 
 
 @triton.jit(do_not_specialize=["n_total"])
@@ -29,7 +39,7 @@ def _k1_stats_kernel(
     acc_mean_ptr,  # [C] float64 accumulated mean, updated in place
     acc_m2_ptr,  # [C] float64 accumulated M2, updated in place
     C, S, tiles_s, num_tiles, tiles_per_split, n_total, sxn, sxc, sxs, momentum, eps,
-    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, MERGE: tl.constexpr,
     HAS_MEAN: tl.constexpr, HAS_KMEAN: tl.constexpr, HAS_INVSTD: tl.constexpr,
     HAS_VAR: tl.constexpr,
     HAS_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr, HAS_ACC: tl.constexpr,
@@ -42,7 +52,8 @@ def _k1_stats_kernel(
         δ = m_b - m;  m += δ·n_b/(n + n_b);  M2 += M2_b + δ²·n·n_b/(n + n_b);  n += n_b.
 
     It stores its partial, and the last program of channel block c to arrive (atomic counter,
-    reset by that program) merges the SPLITS partials in split order (deterministic) and writes
+    reset by that program) merges the SPLITS partials, MERGE at a time in a fixed tree
+    (deterministic), and writes
     mean (+ K), invstd = 1/sqrt(M2/n + eps), var = M2/n; running stats r = (1-f)·r + f·batch
     with the unbiased M2/(n-1) for the variance, f = momentum or 1/num_batches_tracked; and
     merges (n, mean, M2) into the float64 accumulator with the same formula in float64.
@@ -72,12 +83,7 @@ def _k1_stats_kernel(
         nb = nb.to(tl.float32)
         mb = tl.sum(x, axis=0) / nb
         d = tl.where(mask, x - mb[None, :], 0.0)
-        m2b = tl.sum(d * d, axis=0)
-        tot = cnt + nb
-        delta = mb - mean
-        mean += delta * (nb / tot)
-        m2 += m2b + delta * delta * (cnt * nb / tot)
-        cnt = tot
+        mean, m2, cnt = chan_combine(mean, m2, cnt, mb, tl.sum(d * d, axis=0), nb)
     tl.store(part_ptr + pid_s * C + cols, cnt, mask=cmask)
     tl.store(part_ptr + (splits + pid_s) * C + cols, mean, mask=cmask)
     tl.store(part_ptr + (2 * splits + pid_s) * C + cols, m2, mask=cmask)
@@ -89,16 +95,13 @@ def _k1_stats_kernel(
         cnt = tl.zeros([BLOCK_C], dtype=tl.float32)
         mean = tl.zeros([BLOCK_C], dtype=tl.float32)
         m2 = tl.zeros([BLOCK_C], dtype=tl.float32)
-        for j in range(0, splits):
-            nb = tl.load(part_ptr + j * C + cols, mask=cmask, other=1.0, volatile=True)
-            mb = tl.load(part_ptr + (splits + j) * C + cols, mask=cmask, other=0.0, volatile=True)
-            m2b = tl.load(part_ptr + (2 * splits + j) * C + cols, mask=cmask, other=0.0,
-                          volatile=True)
-            tot = cnt + nb
-            delta = mb - mean
-            mean += delta * (nb / tot)
-            m2 += m2b + delta * delta * (cnt * nb / tot)
-            cnt = tot
+        for j0 in range(0, splits, MERGE):  # MERGE partials per step, merged as a tree
+            po, pm = partials(part_ptr, j0, splits, C, cols, cmask, MERGE)
+            nb = tl.load(part_ptr + po, mask=pm, other=0.0, volatile=True)
+            mb = tl.load(part_ptr + splits * C + po, mask=pm, other=0.0, volatile=True)
+            m2b = tl.load(part_ptr + 2 * splits * C + po, mask=pm, other=0.0, volatile=True)
+            mb, m2b, nb = tl.reduce((mb, m2b, nb), 0, chan_combine)
+            mean, m2, cnt = chan_combine(mean, m2, cnt, mb, m2b, nb)
         var = m2 / n_total.to(tl.float32)
         shifted = mean
         mean = pivot + shifted
@@ -176,7 +179,8 @@ def k1_stats(
             c, p.s, p.tiles_s, p.num_tiles, per_split, p.count, *p.strides[0],
             float(momentum or 0.0), float(eps),
             BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
-            HAS_MEAN=mean is not None, HAS_KMEAN=kmean is not None,
+            MERGE=merge_block(splits, p.block_c), HAS_MEAN=mean is not None,
+            HAS_KMEAN=kmean is not None,
             HAS_INVSTD=invstd is not None, HAS_VAR=var is not None,
             HAS_RUNNING=running is not None, MOMENTUM_FROM_NBT=from_nbt,
             HAS_ACC=acc is not None, num_warps=NUM_WARPS,

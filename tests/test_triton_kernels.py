@@ -19,7 +19,7 @@ from fastpbn.reference import batch_norm_reference, batch_stats_reference
 from .conftest import DEVICE
 
 pytest.importorskip("triton")
-from fastpbn.kernels import gradients, layout  # noqa: E402
+from fastpbn.kernels import gradients, layout, stats  # noqa: E402
 from fastpbn.kernels.gradients import k3_k4_backward  # noqa: E402
 from fastpbn.kernels.normalize import k2_normalize  # noqa: E402
 from fastpbn.kernels.stats import k1_stats  # noqa: E402
@@ -385,10 +385,16 @@ def test_channel_blocks_fit_cuda_grid_axis_1():
 
 @pytest.mark.parametrize("name", ["nchw", "channels_last", "1d_ncl", "3d"])
 @pytest.mark.parametrize("grid_y", [65535, 1])
-def test_small_tiles_many_splits(monkeypatch, name, grid_y):
+@pytest.mark.parametrize("merge", [None, 2])
+def test_small_tiles_many_splits(monkeypatch, name, grid_y, merge):
     """Tiny tiles, several channel blocks, many splits with uneven tile counts, int64 offsets:
     every merge path and mask edge, compared with the reference. ``grid_y=1`` forces the plan
-    to widen its channel blocks (what a CUDA grid-axis limit does to huge channel counts)."""
+    to widen its channel blocks (what a CUDA grid-axis limit does to huge channel counts);
+    ``merge=2`` makes the last program merge the partials two at a time in several steps,
+    the last one half masked."""
+    if merge is not None:
+        for kernel_module in (stats, gradients):
+            monkeypatch.setattr(kernel_module, "merge_block", lambda splits, block_c: merge)
     monkeypatch.setattr(layout, "TILE", 16)
     monkeypatch.setattr(layout, "MAX_BLOCK_C", 4)
     monkeypatch.setattr(layout, "CPU_PROGRAMS", 7)
@@ -560,14 +566,14 @@ for cap, (dt, idx64) in itertools.product((80, 90), [({}, False), (x16, True)]):
                  acc_mean_ptr="*fp64", acc_m2_ptr="*fp64", n_total="i64" if idx64 else "i32")
     for flags in ((False, False), (True, True), (idx64, not idx64)):
         compile_(stats._k1_stats_kernel, dict(
-            BLOCK_R=1024, BLOCK_C=4, IDX64=idx64, HAS_MEAN=True, HAS_KMEAN=flags[0],
+            BLOCK_R=1024, BLOCK_C=4, IDX64=idx64, MERGE=256, HAS_MEAN=True, HAS_KMEAN=flags[0],
             HAS_INVSTD=flags[0], HAS_VAR=not flags[0], HAS_RUNNING=flags[1],
             MOMENTUM_FROM_NBT=flags[0], HAS_ACC=flags[1]), types, cap)
         compile_(normalize._k2_normalize_kernel, dict(
             BLOCK_R=32, BLOCK_C=128, IDX64=idx64, STAT_IS_VAR=not flags[0], PIVOT=flags[0],
             HAS_W=flags[1], HAS_B=flags[1]), types, cap)
         compile_(gradients._k3_grad_stats_kernel, dict(
-            BLOCK_R=64, BLOCK_C=64, IDX64=idx64, HAS_W=flags[1], TRAINING=flags[0],
+            BLOCK_R=64, BLOCK_C=64, IDX64=idx64, MERGE=32, HAS_W=flags[1], TRAINING=flags[0],
             WRITE_DW=flags[1], WRITE_DB=True), types, cap)
         compile_(gradients._k4_grad_input_kernel, dict(
             BLOCK_R=4096, BLOCK_C=1, IDX64=idx64, HAS_W=flags[1], TRAINING=flags[0]),
