@@ -185,6 +185,17 @@ def _viewable(t: Tensor) -> Tensor:
     return t
 
 
+def _like(out: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
+    """``out`` (computed for x's viewable copy) with the strides ``torch.empty_like(x)`` has,
+    which the ops' fake implementations promise (torch.compile trusts them)."""
+    if out is None:
+        return None
+    want = torch.empty_like(x)
+    if want.stride() == out.stride():
+        return out
+    return want.copy_(out)
+
+
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
@@ -224,7 +235,7 @@ def forward_train(
         (y like ``torch.empty_like(x)``, float32 save_mean, float32 save_invstd).
     """
     ext = load()
-    x = _viewable(x)
+    given, x = x, _viewable(x)
     c = x.shape[1]
     y = torch.empty_like(x)
     save_mean = x.new_empty(c, dtype=torch.float32)
@@ -241,7 +252,7 @@ def forward_train(
     _write_back(running_var, rv)
     for dst, src in zip(acc or (), acc_k):
         _write_back(dst, src)
-    return y, save_mean, save_invstd
+    return _like(y, given), save_mean, save_invstd
 
 
 def forward_eval(
@@ -258,13 +269,13 @@ def forward_eval(
         y like ``torch.empty_like(x)``, x's dtype.
     """
     ext = load()
-    x = _viewable(x)
+    given, x = x, _viewable(x)
     y = torch.empty_like(x)
     ext.forward_eval(
         x, y, _contig(weight), _contig(bias), _contig(running_mean), _contig(running_var),
         float(eps),
     )
-    return y
+    return _like(y, given)
 
 
 def backward(
@@ -289,7 +300,7 @@ def backward(
         weight); None where the mask is False.
     """
     ext = load()
-    x = _viewable(x)
+    given, x = x, _viewable(x)
     g = _viewable(grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype))
     c = x.shape[1]
     pdtype = weight.dtype if weight is not None else torch.float32
@@ -303,7 +314,7 @@ def backward(
         g, x, _contig(weight), _contig(mean.float()), _contig(invstd.float()), bool(training),
         dx, dw, db, ws, counters,
     )
-    return dx, dw, db
+    return _like(dx, given), dw, db
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:

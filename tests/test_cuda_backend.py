@@ -612,13 +612,19 @@ def test_wrappers_copy_write_back_and_cast(cuda_backend):
     y_ref, rm_ref, rv_ref = batch_norm_reference(x.cpu(), rm0.cpu(), rv0.cpu(), None, None, True,
                                                  0.5, 1e-5)
     assert y.shape == x.shape and y.dtype == x.dtype
+    assert y.stride() == torch.empty_like(x).stride()  # what the fake implementation promises
     assert torch.allclose(y.cpu().double(), y_ref, atol=3e-5)
+    ye = _cuda_ext.forward_eval(x, None, None, rm, rv, 1e-5)
+    assert ye.stride() == torch.empty_like(x).stride()
+    ye_ref = batch_norm_reference(x.cpu(), rm.cpu(), rv.cpu(), None, None, False, 0.0, 1e-5)[0]
+    assert torch.allclose(ye.cpu().double(), ye_ref, atol=3e-5)
     assert torch.allclose(store[:, 0].cpu().double(), rm_ref, atol=1e-5) and not store[:, 1].any()
     assert torch.allclose(rv.cpu().double(), rv_ref, rtol=1e-5)
     xh = x.half()
     g = torch.randn(x.shape, device=dev)  # float32 gradient for a half input: cast
     dx, dw, db = _cuda_ext.backward(g, xh, None, mean, invstd, True, (True, True, True))
     assert dx.dtype == torch.float16 and dw.dtype == db.dtype == torch.float32
+    assert dx.stride() == torch.empty_like(xh).stride()
     assert _cuda_ext.backward(g, xh, None, mean, invstd, True, (False,) * 3) == (None,) * 3
     m, v, n = _cuda_ext.batch_stats(x)
     assert n == 3 * 30 and isinstance(n, int) and m.dtype == v.dtype == torch.float32
