@@ -37,8 +37,9 @@ class Backend:
         Normalize ``x`` (N, C, *) with its batch statistics. ``running_*`` (C,) or None are
         updated in place with PyTorch's rule (``running_var`` gets the unbiased variance);
         ``momentum=None`` means the cumulative average ``1 / num_batches_tracked`` (already
-        incremented by the caller, read on the device). ``acc`` is None or a float64
-        ``(count, mean, m2)`` triple of (C,) tensors into which the batch is merged (Chan).
+        incremented by the caller; the GPU backends read it on the device). ``acc`` is None
+        or a float64 ``(count, mean, m2)`` triple of (C,) tensors into which the batch is
+        merged (Chan).
         ``y`` keeps x's shape, dtype and memory format; save_mean / save_invstd are float32
         (float64 for float64 x, which only the torch backend serves).
     ``forward_eval(x, weight, bias, running_mean, running_var, eps) -> y``

@@ -4,7 +4,8 @@ Same constructor, state_dict keys and behaviour in every mode; the arithmetic ru
 backends. Two differences a user can rely on:
 
 * with ``momentum=None`` the cumulative factor ``1/num_batches_tracked`` is read on the device
-  (stock BatchNorm reads it on the host, a synchronization per step);
+  by the Triton and CUDA backends (stock BatchNorm, and the torch backend, read it on the
+  host: a synchronization per step on a GPU);
 * ``layer.accumulator`` may hold a :class:`fastpbn.WelfordState`; while it does, every training
   forward also merges its batch statistics into it, inside the statistics kernel. This is how
   precise statistics are gathered without a second pass over the activations.

@@ -73,7 +73,8 @@ def batch_norm_train(
 
     Args:
         momentum: the running-average factor; None means the cumulative average
-            ``1 / num_batches_tracked`` (read on the device: no host synchronization).
+            ``1 / num_batches_tracked`` (read on the device by the GPU backends: no host
+            synchronization).
         num_batches_tracked: the layer's counter, already incremented (used when momentum is None).
         accumulator: a :class:`fastpbn.WelfordState` into which this batch's statistics are
             merged (in float64, inside the statistics kernel where the backend has one).
