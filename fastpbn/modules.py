@@ -9,12 +9,17 @@ backends. Two differences a user can rely on:
 * ``layer.accumulator`` may hold a :class:`fastpbn.WelfordState`; while it does, every training
   forward also merges its batch statistics into it, inside the statistics kernel. This is how
   precise statistics are gathered without a second pass over the activations.
+
+Under TorchScript (``torch.jit.script``) the layers run PyTorch's own kernel, with stock
+semantics; ``torch.compile`` traces fastpbn's custom ops.
 """
 
 from __future__ import annotations
 
 from typing import Optional
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
@@ -26,25 +31,43 @@ class _FastPreciseBNMixin:
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        momentum = self.momentum
-        num_batches_tracked = None
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            num_batches_tracked = self.num_batches_tracked
+        momentum: Optional[float] = self.momentum
+        num_batches_tracked: Optional[Tensor] = None
+        counter = self.num_batches_tracked
+        if self.training and self.track_running_stats and counter is not None:
+            counter.add_(1)
+            num_batches_tracked = counter
         elif momentum is None:
             momentum = 0.0
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
-        if bn_training:
-            return ops.batch_norm_train(
-                input, running_mean, running_var, self.weight, self.bias, momentum, self.eps,
-                num_batches_tracked=num_batches_tracked, accumulator=self.accumulator,
-            )
-        return ops.batch_norm(
-            input, running_mean, running_var, self.weight, self.bias, False, 0.0, self.eps
+        if torch.jit.is_scripting():  # TorchScript: PyTorch's kernel, stock semantics
+            if momentum is None:
+                assert num_batches_tracked is not None
+                momentum = 1.0 / float(num_batches_tracked)
+            return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
+                                bn_training, momentum, self.eps)
+        return _normalize(self, input, running_mean, running_var, momentum,
+                          num_batches_tracked, bn_training)
+
+
+@torch.jit.unused
+def _normalize(layer: nn.Module, input: Tensor, running_mean: Optional[Tensor],
+               running_var: Optional[Tensor], momentum: Optional[float],
+               num_batches_tracked: Optional[Tensor], bn_training: bool) -> Tensor:
+    """The eager (and torch.compile) path: fastpbn's ops. A function, not a method: stock
+    layers borrow ``forward`` during a recompute pass."""
+    if bn_training:
+        return ops.batch_norm_train(
+            input, running_mean, running_var, layer.weight, layer.bias, momentum, layer.eps,
+            num_batches_tracked=num_batches_tracked,
+            accumulator=getattr(layer, "accumulator", None),
         )
+    return ops.batch_norm(
+        input, running_mean, running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+    )
 
 
 class FastPreciseBN1d(_FastPreciseBNMixin, nn.BatchNorm1d):

@@ -364,6 +364,21 @@ def test_convert_model():
     assert type(root) is FastPreciseBN2d and root.weight.dtype == torch.float64
 
 
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torchscript_runs_the_stock_kernel(momentum):
+    """A converted model still scripts (as stock BatchNorm does); under TorchScript the layer
+    runs PyTorch's own kernel: outputs and buffers equal stock's, in training and eval."""
+    torch.manual_seed(3)
+    stock = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU())
+    scripted = torch.jit.script(fastpbn.convert_model(copy.deepcopy(stock)))
+    for train in (True, True, False):
+        stock.train(train), scripted.train(train)
+        x = shifted(4, 3, 8, 8)
+        torch.testing.assert_close(scripted(x), stock(x))
+    for name, buf in stock.named_buffers():
+        torch.testing.assert_close(getattr(scripted[1], name.split(".")[1]), buf)
+
+
 def test_convert_model_keeps_shared_layers_and_hooks():
     """Conversion switches each layer's class in place: a layer shared by two parents stays
     one layer, and its hooks and extra attributes stay with it."""
