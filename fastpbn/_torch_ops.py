@@ -259,7 +259,8 @@ def forward_train(
         return y, save_mean.to(work), save_invstd.to(work)
     # one exact statistics pass serves the normalization, the float64 state and running stats
     n = x.numel() // x.shape[1]
-    pivot, mean_s, var = torch.empty(3, x.shape[1], dtype=_work_dtype(x), device=x.device)
+    # three allocations: the two returned become the op's outputs, which may not alias
+    pivot, mean_s, var = (x.new_empty(x.shape[1], dtype=_work_dtype(x)) for _ in range(3))
     y = batch_norm_train(x, weight, bias, eps, pivot, mean_s, var)
     if acc is not None:
         _merge_batch(acc, *moments64(pivot, mean_s, var), n)

@@ -94,3 +94,31 @@ def test_compile_triton_backend_interpreted(monkeypatch):
 @pytest.mark.parametrize("channels_last", [False, True])
 def test_compile_gpu(backend_name, channels_last):
     run_and_compare(backend_name, "inductor", channels_last)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_centred_path_and_accumulator(compiler):
+    """The torch backend's centred path (>= 32K values on CPU) and an attached accumulator run
+    inside compiled graphs through the custom op, whose outputs may not alias one another:
+    outputs, gradients, buffers and the accumulator equal eager."""
+    fastpbn.set_backend("torch")
+    torch._dynamo.reset()
+    torch.manual_seed(1)
+    eager = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), FastPreciseBN2d(8),
+                          nn.ReLU(), nn.Conv2d(8, 4, 1, bias=False), FastPreciseBN2d(4)).to(DEVICE)
+    model = copy.deepcopy(eager)
+    for m in (eager, model):
+        m[4].accumulator = fastpbn.WelfordState(4, device=DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend=compiler)
+    x = torch.randn(8, 3, 24, 24, device=DEVICE) * 2 + 50  # 8·8·24·24 values at layer 1
+    ye, yc = eager(x), compiled(x)
+    close(yc, ye, "output")
+    g = torch.randn_like(ye)
+    (ye * g).sum().backward()
+    (yc * g).sum().backward()
+    for (name, pe), pc in zip(eager.named_parameters(), model.parameters()):
+        close(pc.grad, pe.grad, f"grad of {name}")
+    for (name, be), bc in zip(eager.named_buffers(), model.buffers()):
+        close(bc, be, f"buffer {name}")
+    for f in ("count", "mean", "m2"):
+        close(getattr(model[4].accumulator, f), getattr(eager[4].accumulator, f), f)
