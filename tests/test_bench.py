@@ -180,7 +180,7 @@ def test_recompute_feature_rows_by_device():
     can be copied to a device, with the batches handed over in host memory."""
     cpu, cuda = recompute.methods(CPU, 8), recompute.methods(torch.device("cuda"), 8)
     host = ("fastpbn(pinned host batches)", "fastpbn(pageable host batches)")
-    assert "fastpbn(stop_early=False)" in cpu and not set(host) & set(cpu)
+    assert "fastpbn(stop_early=True)" in cpu and not set(host) & set(cpu)
     assert set(host) <= set(cuda) and "fastpbn+cuda_graph" in cuda
     batch = torch.ones(2, 3)
     assert cpu["fastpbn"].data([batch])[0] is batch
@@ -235,7 +235,7 @@ def test_cli_tiny_end_to_end(tmp_path):
     assert {r["baseline"] for r in rec} == set(recompute.BASELINES)
     headline = [r for r in rec if r["headline"]]
     assert len(headline) == 2 * len(recompute.BASELINES)  # per setup and baseline
-    assert "fastpbn(stop_early=False)" in {r["impl"] for r in rec}  # a feature's own row
+    assert "fastpbn(stop_early=True)" in {r["impl"] for r in rec}  # a feature's own row
     for r in rec:
         assert r["samples_per_s"] == pytest.approx(r["samples"] / (r["ms"] * 1e-3))
         assert r["err_f64"] >= 0 and r["baseline_err_f64"] >= 0

@@ -303,14 +303,40 @@ def test_stop_early_skips_layers_after_the_last_bn():
     calls = []
     model.head.register_forward_hook(lambda *_: calls.append(1))
     batches = [shifted(32, 1, 8, 8) for _ in range(4)]
-    a = recompute_bn_stats(model, batches, apply=False)
+    a = recompute_bn_stats(model, batches, apply=False, stop_early=True)
     assert len(calls) == 1  # only the first batch, which learns the call order, runs the head
-    b = recompute_bn_stats(model, batches, stop_early=False, apply=False)
-    assert len(calls) == 5
+    b = recompute_bn_stats(model, batches, apply=False)
+    assert len(calls) == 5  # a whole-model pass runs whole by default
     for n in a:
         assert torch.equal(a[n].mean, b[n].mean) and torch.equal(a[n].var, b[n].var)
-    recompute_bn_stats(model, batches, forward_fn=lambda m, x: m(x), apply=False)
-    assert len(calls) == 9  # forward_fn given: not stopped by default
+    first = [model.features[1]]  # a subset: stopped by default ...
+    c = recompute_bn_stats(model, batches, layers=first, apply=False)
+    assert len(calls) == 6 and torch.equal(c["features.1"].var, a["features.1"].var)
+    recompute_bn_stats(model, batches, layers=first, forward_fn=lambda m, x: m(x), apply=False)
+    assert len(calls) == 10  # ... unless forward_fn is given
+
+
+class _SideEffects(nn.Module):
+    """A forward with state changes after its last BN layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn1, self.bn2, self.log = nn.BatchNorm2d(2), nn.BatchNorm2d(2), []
+        self.in_forward = False
+
+    def forward(self, x):
+        self.in_forward = True
+        y = self.bn2(self.bn1(x))
+        self.log.append(len(x))
+        self.in_forward = False
+        return y
+
+
+def test_whole_model_pass_keeps_the_forward_side_effects():
+    model = _SideEffects()
+    batches = [shifted(8, 2, 4, 4) for _ in range(4)]
+    recompute_bn_stats(model, batches)
+    assert not model.in_forward and model.log == [8] * 4
 
 
 # ---- modes, selection, inputs ----------------------------------------------------------------

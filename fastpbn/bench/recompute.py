@@ -234,7 +234,7 @@ def methods(device: torch.device, batch: int) -> dict[str, Method]:
             out["fastpbn+cuda_graph"] = Method(lambda m, d: ours(m, d, cuda_graph=True),
                                                hookable=False)
         # the throughput features, one at a time (rows of their own)
-        out["fastpbn(stop_early=False)"] = Method(lambda m, d: ours(m, d, stop_early=False))
+        out["fastpbn(stop_early=True)"] = Method(lambda m, d: ours(m, d, stop_early=True))
         if device.type == "cuda":  # copies overlapped with the forward (pinned) or not
             out["fastpbn(pinned host batches)"] = Method(
                 lambda m, d: ours(m, d, device=device),
