@@ -855,3 +855,33 @@ def test_argument_edge_cases():
     with pytest.raises(ValueError, match="meta device"):
         recompute_bn_stats(nn.Sequential(nn.BatchNorm2d(3)).to("meta"),
                            [torch.zeros(8, 3, 4, 4, device="meta")])
+
+
+def test_layers_by_name():
+    torch.manual_seed(44)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1),
+                          nn.BatchNorm2d(3))
+    batches = [shifted(8, 1, 6, 6) for _ in range(2)]
+    by_module = recompute_bn_stats(model, batches, layers=[model[3]], apply=False)
+    for sel in (["3"], "3"):
+        by_name = recompute_bn_stats(model, batches, layers=sel, apply=False)
+        assert list(by_name) == ["3"] and torch.equal(by_name["3"].var, by_module["3"].var)
+    with pytest.raises(ValueError, match="no layer named 'bn'"):
+        recompute_bn_stats(model, batches, layers="bn")
+
+
+def test_compiled_model_statistics_are_keyed_by_the_original_names():
+    """Statistics of a torch.compile'd model apply to the original module and back."""
+    torch._dynamo.reset()
+    torch.manual_seed(45)
+    model = nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    compiled = torch.compile(model, backend="eager")
+    batches = [shifted(8, 1, 6, 6) for _ in range(2)]
+    stats = recompute_bn_stats(compiled, batches, apply=False)
+    assert list(stats) == ["1"]
+    stats.apply(model)
+    assert torch.equal(model[1].running_var, stats["1"].var.float())
+    plain = recompute_bn_stats(model, batches, apply=False)
+    plain.apply(compiled)
+    assert plain.drift(compiled)[0]["layer"] == "1"
+    update_bn_stats(compiled.train(), batches, num_iters=2)

@@ -31,7 +31,8 @@ FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
 # both their normalization and the accumulator (a hook would read every activation twice)
 BORROW_TYPES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
 EXACT_TYPES = BORROW_TYPES | set(FAST_TYPES)
-LayerSelection = Union[None, Sequence[nn.Module], nn.Module, Callable[[str, nn.Module], bool]]
+LayerSelection = Union[None, str, Sequence[Union[str, nn.Module]], nn.Module,
+                       Callable[[str, nn.Module], bool]]
 _MISSING = object()
 
 
@@ -50,16 +51,32 @@ def has_running_stats(m: nn.Module) -> bool:
     )
 
 
+def layer_root(model: nn.Module) -> nn.Module:
+    """The module whose names key the statistics: a ``torch.compile``d model's original one
+    (so its statistics apply to either)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def select_layers(model: nn.Module, layers: LayerSelection) -> list[tuple[str, nn.Module]]:
     """(name, layer) of the BN layers with running statistics that ``layers`` selects (all of
-    them when None), in ``model.named_modules()`` order."""
+    them when None; modules, names as in ``named_modules()``, or a predicate), in
+    ``model.named_modules()`` order."""
     eligible = [(n, m) for n, m in model.named_modules() if has_running_stats(m)]
     if layers is None:
         return eligible
     if callable(layers) and not isinstance(layers, nn.Module):
         return [(n, m) for n, m in eligible if layers(n, m)]
-    if isinstance(layers, nn.Module):
+    if isinstance(layers, (nn.Module, str)):
         layers = [layers]
+    by_name = dict(model.named_modules())
+    resolved = []
+    for i, m in enumerate(layers):
+        if isinstance(m, str):
+            if m not in by_name:
+                raise ValueError(f"layers[{i}]: model has no layer named {m!r}")
+            m = by_name[m]
+        resolved.append(m)
+    layers = resolved
     names = {id(m): n for n, m in model.named_modules()}
     for i, m in enumerate(layers):
         if id(m) not in names:

@@ -9,7 +9,7 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from ._collect import CallTracker, LayerAccumulator, PassState, has_running_stats
+from ._collect import CallTracker, LayerAccumulator, PassState, has_running_stats, layer_root
 from .population import PopulationStats
 
 # fvcore's BN_MODULE_TYPES (FastPreciseBN layers are subclasses, so they count too)
@@ -50,7 +50,7 @@ def update_bn_stats(
         raise ValueError(f"num_iters must be a positive integer, got {num_iters!r}")
     if progress not in (None, "tqdm"):
         raise ValueError(f"progress must be None or 'tqdm', got {progress!r}")
-    layers = [(n, m) for n, m in model.named_modules()
+    layers = [(n, m) for n, m in layer_root(model).named_modules()
               if m.training and isinstance(m, BN_MODULE_TYPES) and has_running_stats(m)]
     if not layers:
         return

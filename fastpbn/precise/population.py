@@ -10,7 +10,7 @@ from typing import Any, Iterator, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
-from ._collect import has_running_stats
+from ._collect import has_running_stats, layer_root
 
 _FORMAT = "fastpbn.PopulationStats/1"
 _FIELDS = ("mean", "var", "count")
@@ -83,7 +83,7 @@ class PopulationStats(Mapping):
         return "\n".join(lines)
 
     def _layer(self, model: nn.Module, name: str) -> nn.Module:
-        m = model
+        m = layer_root(model)  # a torch.compile'd model: its original module's names
         for part in name.split(".") if name else ():  # get_submodule, minus its overhead
             m = m._modules.get(part) if isinstance(m, nn.Module) else None
         if not isinstance(m, nn.Module):

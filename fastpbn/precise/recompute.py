@@ -16,7 +16,14 @@ from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 
 from ..stats import WelfordState
-from ._collect import CallTracker, LayerAccumulator, LayerSelection, PassState, select_layers
+from ._collect import (
+    CallTracker,
+    LayerAccumulator,
+    LayerSelection,
+    PassState,
+    layer_root,
+    select_layers,
+)
 from ._data import default_input, host_batches, on_device, regroup
 from ._forward import Forward
 from .population import PopulationStats
@@ -54,7 +61,8 @@ def recompute_bn_stats(
     happens per batch (only every ``tol_every`` batches with ``tol``).
 
     Args:
-        model: the model; its BN layers' names in ``named_modules()`` key the result.
+        model: the model; its BN layers' names in ``named_modules()`` key the result (for a
+            ``torch.compile``d model, the names in the original module).
         data: an iterable of items (tensor; tuple/list: first element; dict: the first of
             "input", "inputs", "image", "images", "img", "x").
         num_samples: use exactly this many samples (the item that crosses it is cut); the
@@ -69,8 +77,9 @@ def recompute_bn_stats(
             ``running_var`` = M2/(N-1), exact under uneven batches. "batch_mean": the equal-
             weight average of per-call means and unbiased variances (``swa_utils.update_bn``,
             pycls, mmpretrain).
-        layers: which BN layers to recompute: a list of modules or ``fn(name, module) ->
-            bool``; None: every BN layer with running statistics. Subclasses keep their own
+        layers: which BN layers to recompute: modules or names (as in ``named_modules()``),
+            one or a list, or ``fn(name, module) -> bool``; None: every BN layer with running
+            statistics. Subclasses keep their own
             ``forward``; a FastPreciseBN subclass is measured on what it normalizes (through
             ``FastPreciseBN.forward``), any other BN layer on its input.
         input_fn: ``input_fn(item)`` -> model input (tensor or structure of tensors).
@@ -111,7 +120,7 @@ def recompute_bn_stats(
     num_samples, num_batches, batch_size, tol_every = _check_args(
         model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every, input_fn,
         forward_fn)
-    selected = select_layers(model, layers)
+    selected = select_layers(layer_root(model), layers)
     if not selected:
         warnings.warn("recompute_bn_stats: the model has no BatchNorm layer with running "
                       "statistics (or none is selected); nothing to recompute", stacklevel=2)
