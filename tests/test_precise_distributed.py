@@ -49,6 +49,11 @@ def _worker(rank, init_file, out_dir):
             results["short"] = None
         except ValueError as e:
             results["short"] = str(e)
+        try:  # rank 1 has no data: every rank must raise, naming it
+            recompute_bn_stats(model, data[rank] if rank == 0 else [])
+            results["empty"] = None
+        except ValueError as e:
+            results["empty"] = str(e)
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except BaseException:
@@ -93,3 +98,4 @@ def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
     assert res[0]["tol_unmet"][1:] == res[1]["tol_unmet"][1:] == (468, 15, False)
     assert res[0]["tol_met"][3] is True and res[0]["tol_met"][2] <= 4
     assert "rank 0" in res[0]["short"] and res[0]["short"] == res[1]["short"]
+    assert "no samples on rank 1" in res[0]["empty"] and res[0]["empty"] == res[1]["empty"]

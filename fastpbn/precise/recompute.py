@@ -253,9 +253,11 @@ def _check_run(run, accs, num_samples, num_batches, tol, group, distributed):
         if short_batches:
             raise ValueError(f"num_batches={num_batches} but the data ended after "
                              f"{int(b)} batches{where(r)}")
+    for r, row in enumerate(rows):  # distributed: every rank must contribute
+        if row[0] == 0:
+            raise ValueError(f"data yielded no samples{where(r)} (empty data, or only batches "
+                             "of one sample)")
     samples = int(sum(r[0] for r in rows))
-    if samples == 0:
-        raise ValueError("data yielded no samples (empty data, or only batches of one sample)")
     return samples, int(sum(r[1] for r in rows)), run["converged"]
 
 
