@@ -249,11 +249,19 @@ def test_cli_tiny_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_rejects_bad_arguments():
+def test_cli_rejects_bad_arguments(tmp_path):
     with pytest.raises(SystemExit):
         main(["--quick", "--tiny"])
     with pytest.raises(SystemExit):
         main(["--tiny", "--device", "mps", "--no-progress"])
+    with pytest.raises(SystemExit, match="--device must be cpu or cuda"):
+        main(["--tiny", "--device", "foo", "--no-progress"])
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit, match="--out"):
+        main(["--tiny", "--out", str(tmp_path / "afile"), "--no-progress"])
+    with pytest.raises(SystemExit, match="--threads"):
+        main(["--tiny", "--out", str(tmp_path / "b"), "--threads", "0", "--no-progress"])
+    assert not (tmp_path / "b").exists()  # nothing created for rejected arguments
 
 
 def test_regroup_matches_loader_of_that_batch_size():

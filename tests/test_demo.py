@@ -177,6 +177,23 @@ def test_cli_reports_bad_arguments(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["--num-samples", "10,x"])
     assert "--num-samples" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    good = {"x_train": np.random.rand(8, 6, 6), "y_train": np.zeros(8),
+            "x_test": np.random.rand(4, 6, 6), "y_test": np.zeros(4)}
+    np.savez(tmp_path / "good.npz", **good)
+    blob = (tmp_path / "good.npz").read_bytes()
+    (tmp_path / "trunc.npz").write_bytes(blob[: len(blob) // 2])
+    np.savez(tmp_path / "nan.npz", **{**good, "x_train": np.full((8, 6, 6), np.nan)})
+    for argv, message in [
+        (["--out", str(tmp_path / "afile")], "--out"),  # an existing file
+        (["--norm-batch", "1"], "--norm-batch"),
+        (["--lr", "-5"], "--lr"),
+        (["--data", str(tmp_path / "trunc.npz")], "not a readable .npz"),
+        (["--data", str(tmp_path / "nan.npz")], "non-finite"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            main(["--quick", "--no-progress", *argv])
+        assert e.value.code == 2 and message in capsys.readouterr().err, argv
 
 
 def test_demo_on_local_npz(tmp_path):

@@ -79,7 +79,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.roofline:
         print(report.roofline_markdown(), end="")
         return 0
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError:
+        raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}") from None
     preset = "tiny" if args.tiny else "quick" if args.quick else "full" if args.full else None
     if preset is None:
         preset = "full" if device.type == "cuda" else "quick"
@@ -90,11 +93,14 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit("--device cuda: no CUDA device is available")
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
-    out_dir = args.out or os.path.join("bench", "results", device_slug(device))
-    os.makedirs(out_dir, exist_ok=True)
-    budget = args.budget if args.budget is not None else cfg["budget_s"]
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    out_dir = args.out or os.path.join("bench", "results", device_slug(device))
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:
+        raise SystemExit(f"--out {out_dir}: {e.strerror or e}") from None
+    budget = args.budget if args.budget is not None else cfg["budget_s"]
     threads = torch.get_num_threads()
     gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []

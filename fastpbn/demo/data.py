@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -71,6 +72,8 @@ def read_idx(path: str) -> np.ndarray:
         raise ValueError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise ValueError(f"{path}: truncated IDX header ({len(raw)} bytes, {header} declared)")
     shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
     expected = int(np.prod(shape)) * dtype.itemsize
     if len(raw) - header != expected:
@@ -91,11 +94,15 @@ def _find_idx(directory: str, stem: str) -> str:
 
 
 def _load_npz(path: str) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as z:
-        for keys in _NPZ_KEYS:
-            if all(k in z.files for k in keys):
-                return dict(zip(("x_train", "y_train", "x_test", "y_test"), (z[k] for k in keys)))
-        found = ", ".join(sorted(z.files))
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            for keys in _NPZ_KEYS:
+                if all(k in z.files for k in keys):
+                    return dict(zip(("x_train", "y_train", "x_test", "y_test"),
+                                    (z[k] for k in keys)))
+            found = ", ".join(sorted(z.files))
+    except (ValueError, zipfile.BadZipFile, EOFError) as e:  # not an archive, truncated, ...
+        raise ValueError(f"--data {path}: not a readable .npz file ({e})") from e
     wanted = " or ".join("/".join(k) for k in _NPZ_KEYS)
     raise KeyError(f"--data {path}: expected arrays {wanted}; found {found}")
 
@@ -120,6 +127,9 @@ def _make_split(name: str, arrays: dict[str, np.ndarray]) -> Split:
             raise ValueError(f"--data: {len(x)} {part} images but {len(y)} {part} labels")
         if len(x) < 2:
             raise ValueError(f"--data: the {part} set needs at least 2 images, got {len(x)}")
+    for x, part in ((x_tr, "train"), (x_te, "test")):
+        if not np.isfinite(x).all():
+            raise ValueError(f"--data: the {part} images hold non-finite values (NaN/Inf)")
     if x_tr.shape[1:] != x_te.shape[1:]:
         raise ValueError(f"--data: train images {x_tr.shape[1:]} and test images "
                          f"{x_te.shape[1:]} differ in shape")

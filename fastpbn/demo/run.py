@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import platform
 import sys
@@ -133,8 +134,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available")
     cfg = _config(args)
-    if cfg.batch_size < 2:
-        parser.error("--batch-size must be at least 2 (batch norm needs two samples)")
+    for flag, value in (("--batch-size", cfg.batch_size), ("--norm-batch", cfg.norm_batch)):
+        if value < 2:
+            parser.error(f"{flag} must be at least 2 (batch norm needs two samples)")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        parser.error(f"--lr must be a positive number, got {cfg.lr}")
     try:
         split = demo_data.load_path(args.data) if args.data else demo_data.load_digits_split()
     except (OSError, ValueError, KeyError) as e:
@@ -143,7 +147,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if len(split.x_train) < cfg.batch_size:
         parser.error(f"--batch-size {cfg.batch_size} exceeds the {len(split.x_train)} "
                      "training images")
-    os.makedirs(args.out, exist_ok=True)
+    try:
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as e:
+        parser.error(f"--out {args.out}: {e.strerror or e}")
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     gpus = [torch.cuda.current_device()] if cfg.device == "cuda" else []
