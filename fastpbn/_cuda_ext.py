@@ -185,11 +185,12 @@ def _viewable(t: Tensor) -> Tensor:
     return t
 
 
-def _like(out: Optional[Tensor], x: Tensor) -> Optional[Tensor]:
-    """``out`` (computed for x's viewable copy) with the strides ``torch.empty_like(x)`` has,
-    which the ops' fake implementations promise (torch.compile trusts them)."""
-    if out is None:
-        return None
+def _like(out: Optional[Tensor], x: Tensor, viewed: Tensor) -> Optional[Tensor]:
+    """``out`` (made like ``viewed``, x or its viewable copy) with the strides
+    ``torch.empty_like(x)`` has, which the ops' fake implementations promise (torch.compile
+    trusts them)."""
+    if out is None or viewed is x:
+        return out
     want = torch.empty_like(x)
     if want.stride() == out.stride():
         return out
@@ -252,7 +253,7 @@ def forward_train(
     _write_back(running_var, rv)
     for dst, src in zip(acc or (), acc_k):
         _write_back(dst, src)
-    return _like(y, given), save_mean, save_invstd
+    return _like(y, given, x), save_mean, save_invstd
 
 
 def forward_eval(
@@ -275,7 +276,7 @@ def forward_eval(
         x, y, _contig(weight), _contig(bias), _contig(running_mean), _contig(running_var),
         float(eps),
     )
-    return _like(y, given)
+    return _like(y, given, x)
 
 
 def backward(
@@ -314,7 +315,7 @@ def backward(
         g, x, _contig(weight), _contig(mean.float()), _contig(invstd.float()), bool(training),
         dx, dw, db, ws, counters,
     )
-    return _like(dx, given), dw, db
+    return _like(dx, given, x), dw, db
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
