@@ -1,8 +1,9 @@
 """Backend dispatch: which implementation serves a tensor.
 
 Every backend answers ``not_supported_reasons(x) -> list[str]`` (an empty list means it can run)
-and implements the same five operations (see :class:`Backend`). ``auto`` takes the first backend
-in ``triton, cuda, torch`` order with no reasons; a backend named explicitly (``FASTPBN_BACKEND``
+and implements the same five operations (see :class:`Backend`). ``auto`` takes, for a CUDA
+tensor, the first of ``triton, cuda`` with no reasons, else ``torch`` (always ``torch`` for
+other devices); a backend named explicitly (``FASTPBN_BACKEND``
 or :func:`set_backend`) that cannot run raises :class:`BackendUnavailable` listing its reasons —
 never a silent fallback. The environment variable is read at call time.
 

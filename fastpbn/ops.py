@@ -130,7 +130,7 @@ def batch_norm(
     if eps < 0.0:
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if running_mean is None or running_var is None:
-        raise ValueError("running_mean and running_var must be given when training=False")
+        raise RuntimeError("running_mean and running_var must be given when training=False")
     _check_channel_args(
         input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )

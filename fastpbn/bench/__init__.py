@@ -60,7 +60,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
     p.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's); 1 is steadier on a busy host")
-    p.add_argument("--budget", type=float, help="stop starting new cases after this many s")
+    p.add_argument("--budget", type=float,
+                   help="stop starting new kernel cases after this many s (recompute always runs)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--roofline", action="store_true",
                    help="print the MB each pass moves per BENCH.md shape, and exit")

@@ -227,7 +227,8 @@ def methods(device: torch.device, batch: int) -> dict[str, Method]:
             precise.recompute_bn_stats(model, data, num_samples=sum(len(b) for b in data), **kw)
 
         out["fastpbn"] = Method(ours)
-        # FastPreciseBN layers merge each batch inside their own statistics kernel
+        # the same statistics path as stock layers (which borrow FastPreciseBN's forward in
+        # the pass): what, if anything, converting costs
         out["fastpbn-converted"] = Method(ours, prep=convert_model)
         if device.type == "cuda" and "cuda_graph" in inspect.signature(
                 precise.recompute_bn_stats).parameters:

@@ -113,6 +113,9 @@ def recompute_bn_stats(
     Returns:
         The :class:`PopulationStats` (also applied to the model unless ``apply=False``).
     Raises:
+        TypeError: a model that is not an ``nn.Module``, data that is not iterable, a
+            ``input_fn``/``forward_fn`` that is not callable, a data item that is no model
+            input.
         ValueError: bad arguments, empty data, data too short for ``num_samples``/
             ``num_batches``, non-finite statistics (naming the layers).
         RuntimeError: a selected layer never ran.
