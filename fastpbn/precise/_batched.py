@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from .. import _torch_ops
+from .._torch_ops import batch_norm_train, chan_merge_, mean_dwarfs_std, moments64
 from ..ops import _verify_batch_size
 from ..stats import WelfordState
 
@@ -75,13 +75,13 @@ class FlatStats:
                 raise RuntimeError(f"BN layer {name!r} ({type(module).__name__}): float64 input "
                                    "to a float32 layer (convert the model with .double())")
             shift = self.shift[slot]  # None until the first call has decided
-            y = _torch_ops.batch_norm_train(x, module.weight, module.bias, module.eps, pivot,
-                                            mean_s, var, shift=bool(shift))
+            y = batch_norm_train(x, module.weight, module.bias, module.eps, pivot, mean_s, var,
+                                 shift=bool(shift))
             if shift is None:  # first call: keep the unshifted result if it is exact
-                shift = self.shift[slot] = _torch_ops.mean_dwarfs_std(pivot, mean_s, var)
+                shift = self.shift[slot] = mean_dwarfs_std(pivot, mean_s, var)
                 if shift:
-                    y = _torch_ops.batch_norm_train(x, module.weight, module.bias, module.eps,
-                                                    pivot, mean_s, var)
+                    y = batch_norm_train(x, module.weight, module.bias, module.eps, pivot,
+                                         mean_s, var)
             self.n[slot] = x.numel() // x.shape[1]
             return y
 
@@ -93,6 +93,6 @@ class FlatStats:
         if not any(self.n):
             return
         n = torch.tensor(self.n, dtype=torch.float64).repeat_interleave(self.sizes)
-        mean_b, var_b = _torch_ops.moments64(self.pivot, self.mean_s, self.var)
-        _torch_ops.chan_merge_(self.count, self.mean, self.m2, n, mean_b, var_b.mul_(n))
+        mean_b, var_b = moments64(self.pivot, self.mean_s, self.var)
+        chan_merge_(self.count, self.mean, self.m2, n, mean_b, var_b.mul_(n))
         self.n = [0] * len(self.n)
