@@ -50,9 +50,9 @@ def batch_norm_train(
 
 
 def _train_impl(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-                acc_count, acc_mean, acc_m2):
+                acc_count, acc_mean, acc_m2, backend=None):
     acc = (acc_count, acc_mean, acc_m2) if acc_count is not None else None
-    return get_backend(x).forward_train(
+    return (backend or get_backend(x)).forward_train(
         x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, acc
     )
 
@@ -79,8 +79,9 @@ def batch_norm_eval(
     return _eval_impl(x, weight, bias, running_mean, running_var, eps)
 
 
-def _eval_impl(x, weight, bias, running_mean, running_var, eps):
-    return get_backend(x).forward_eval(x, weight, bias, running_mean, running_var, eps)
+def _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=None):
+    return (backend or get_backend(x)).forward_eval(x, weight, bias, running_mean, running_var,
+                                                   eps)
 
 
 @batch_norm_eval.register_fake
@@ -108,8 +109,9 @@ def batch_norm_backward(
     )
 
 
-def _backward_impl(grad_out, x, weight, mean, invstd, training, output_mask):
-    return get_backend(x).backward(grad_out, x, weight, mean, invstd, training, tuple(output_mask))
+def _backward_impl(grad_out, x, weight, mean, invstd, training, output_mask, backend=None):
+    return (backend or get_backend(x)).backward(grad_out, x, weight, mean, invstd, training,
+                                                tuple(output_mask))
 
 
 @batch_norm_backward.register_fake
@@ -126,8 +128,9 @@ def _grads(ctx, grad_out, x, weight, mean, invstd, training):
             ctx.needs_input_grad[2]]
     if torch.compiler.is_compiling():
         dx, dw, db = batch_norm_backward(grad_out, x, weight, mean, invstd, training, mask)
-    else:
-        dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, mask)
+    else:  # the backend the forward resolved
+        dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, mask,
+                                    ctx.backend)
     return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
 
 
@@ -137,14 +140,16 @@ class BatchNormTrain(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
-                momentum, eps, acc_count, acc_mean, acc_m2):
-        # eager calls skip the custom-op dispatcher (tens of microseconds a call); graphs
-        # being compiled need the op and its fake implementation
-        op = batch_norm_train if torch.compiler.is_compiling() else _train_impl
-        y, mean, invstd = op(
-            x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
-            acc_count, acc_mean, acc_m2,
-        )
+                momentum, eps, acc_count, acc_mean, acc_m2, backend=None):
+        # eager calls skip the custom-op dispatcher (tens of microseconds a call) and use the
+        # backend the caller resolved; graphs being compiled need the op and its fake
+        args = (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
+                acc_count, acc_mean, acc_m2)
+        if torch.compiler.is_compiling():
+            y, mean, invstd = batch_norm_train(*args)
+        else:
+            y, mean, invstd = _train_impl(*args, backend=backend)
+        ctx.backend = backend
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
         return y, mean, invstd
@@ -152,18 +157,19 @@ class BatchNormTrain(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, grad_mean, grad_invstd):
         x, weight, mean, invstd = ctx.saved_tensors
-        return (*_grads(ctx, grad_y, x, weight, mean, invstd, True), *([None] * 8))
+        return (*_grads(ctx, grad_y, x, weight, mean, invstd, True), *([None] * 9))
 
 
 class BatchNormEval(torch.autograd.Function):
     """Eval forward (running statistics) with its backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps):
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, backend=None):
         ctx.save_for_backward(x, weight, running_mean, running_var)
-        ctx.eps = eps
-        op = batch_norm_eval if torch.compiler.is_compiling() else _eval_impl
-        return op(x, weight, bias, running_mean, running_var, eps)
+        ctx.eps, ctx.backend = eps, backend
+        if torch.compiler.is_compiling():
+            return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
+        return _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=backend)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -171,15 +177,19 @@ class BatchNormEval(torch.autograd.Function):
         work = stats_dtype(x)
         invstd = torch.rsqrt(running_var.to(work) + ctx.eps)
         grads = _grads(ctx, grad_y, x, weight, running_mean.to(work), invstd, False)
-        return (*grads, None, None, None)
+        return (*grads, None, None, None, None)
 
 
-def batch_norm_train_no_grad(*args):
+def batch_norm_train_no_grad(*args, backend=None):
     """Training forward without an autograd node (nothing requires grad): the custom op while
-    compiling, else a direct call."""
-    return (batch_norm_train if torch.compiler.is_compiling() else _train_impl)(*args)
+    compiling, else a direct call on ``backend`` (resolved here when None)."""
+    if torch.compiler.is_compiling():
+        return batch_norm_train(*args)
+    return _train_impl(*args, backend=backend)
 
 
-def batch_norm_eval_no_grad(*args):
+def batch_norm_eval_no_grad(*args, backend=None):
     """Eval forward without an autograd node (nothing requires grad)."""
-    return (batch_norm_eval if torch.compiler.is_compiling() else _eval_impl)(*args)
+    if torch.compiler.is_compiling():
+        return batch_norm_eval(*args)
+    return _eval_impl(*args, backend=backend)

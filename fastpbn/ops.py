@@ -43,15 +43,16 @@ def _verify_batch_size(x: Tensor) -> None:
         )
 
 
-def _eager_torch_backend(x: Tensor):
-    """The torch backend when it serves ``x`` in an eager call, else None. Where it would run
-    PyTorch's own batch-norm kernel anyway, that kernel is called directly: PyTorch's C++
-    autograd node costs less than a Python ``autograd.Function`` (~17 µs a call on CPU).
-    Graphs being compiled keep the custom ops."""
+def _eager_backend(x: Tensor):
+    """The backend serving ``x`` in an eager call (resolved once and handed down to the
+    autograd Functions, which keep it for the backward), or None while a graph is being
+    compiled: compiled graphs keep the custom ops, which resolve it at run time. Where the
+    torch backend would run PyTorch's own batch-norm kernel anyway, the callers call that
+    kernel directly: PyTorch's C++ autograd node costs less than a Python
+    ``autograd.Function`` (~17 µs a call on CPU)."""
     if torch.compiler.is_compiling():
         return None
-    backend = get_backend(x)
-    return backend if backend.name == "torch" else None
+    return get_backend(x)
 
 
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
@@ -98,12 +99,13 @@ def batch_norm_train(
         acc = (accumulator.count, accumulator.mean, accumulator.m2)
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)
-    backend = _eager_torch_backend(input)
-    if backend is not None and accumulator is None and backend.native_train(input):
+    backend = _eager_backend(input)
+    if (backend is not None and backend.name == "torch" and accumulator is None
+            and backend.native_train(input)):
         return backend.native_forward_train(*args[:8])
     if _needs_autograd(input, weight, bias):
-        return _function.BatchNormTrain.apply(*args)[0]
-    return _function.batch_norm_train_no_grad(*args)[0]
+        return _function.BatchNormTrain.apply(*args, backend)[0]
+    return _function.batch_norm_train_no_grad(*args, backend=backend)[0]
 
 
 def batch_norm(
@@ -135,12 +137,12 @@ def batch_norm(
         input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
     args = (input, weight, bias, running_mean, running_var, eps)
-    backend = _eager_torch_backend(input)
-    if backend is not None:
+    backend = _eager_backend(input)
+    if backend is not None and backend.name == "torch":
         return backend.forward_eval(*args)
     if _needs_autograd(input, weight, bias):
-        return _function.BatchNormEval.apply(*args)
-    return _function.batch_norm_eval_no_grad(*args)
+        return _function.BatchNormEval.apply(*args, backend)
+    return _function.batch_norm_eval_no_grad(*args, backend=backend)
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:

@@ -12,6 +12,7 @@ still fits. A tile is ``BLOCK_R`` positions along S' of one n times ``BLOCK_C`` 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -29,6 +30,18 @@ IDX64_AT = 2**31  # int64 offsets once a tensor spans this many elements
 MAX_GRID_Y = 65535  # CUDA's limit on grid axis 1
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints: ``triton.cdiv`` is a ConstexprFunction, ~2–4 µs a host call
+    (measured, Triton 3.6 / 3.9), and a launch needs several."""
+    return -(-a // b)
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (n >= 1), as ``triton.next_power_of_2``, in plain int
+    arithmetic (see :func:`cdiv`)."""
+    return 1 << (n - 1).bit_length()
+
+
 @dataclass(frozen=True)
 class Plan:
     """A call's launch geometry. ``strides[i]`` is (sn, sc, ss) of the i-th tensor."""
@@ -41,19 +54,19 @@ class Plan:
     block_c: int
     idx64: bool
 
-    @property
+    @functools.cached_property
     def tiles_s(self) -> int:
-        return triton.cdiv(self.s, self.block_r)
+        return cdiv(self.s, self.block_r)
 
-    @property
+    @functools.cached_property
     def num_tiles(self) -> int:
         return self.n * self.tiles_s
 
-    @property
+    @functools.cached_property
     def num_cblocks(self) -> int:
-        return triton.cdiv(self.c, self.block_c)
+        return cdiv(self.c, self.block_c)
 
-    @property
+    @functools.cached_property
     def count(self) -> int:
         return self.n * self.s
 
@@ -110,18 +123,18 @@ def _make_plan(tensors: list[Tensor]) -> Optional[Plan]:
     c = tensors[0].shape[1]
     sn, sc, ss = strides[0]
     if sc == 1 and c > 1 and ss != 1:  # channels contiguous: wide channel tiles
-        block_c = min(triton.next_power_of_2(c), MAX_BLOCK_C)
-        block_r = min(max(TILE // block_c, 1), triton.next_power_of_2(s))
+        block_c = min(next_pow2(c), MAX_BLOCK_C)
+        block_r = min(max(TILE // block_c, 1), next_pow2(s))
     else:  # positions contiguous (or neither): long rows along S'
-        block_r = min(triton.next_power_of_2(s), TILE)
+        block_r = min(next_pow2(s), TILE)
         # shorter rows (more channels per tile) while the last tile of a row is mostly empty:
         # S' = 56·56 fills 4096-long rows to 77 %, 256-long ones to 94 %
-        while block_r > 32 and triton.cdiv(s, block_r) * block_r * 8 > s * 9:
+        while block_r > 32 and cdiv(s, block_r) * block_r * 8 > s * 9:
             block_r //= 2
-        block_c = min(max(TILE // block_r, 1), triton.next_power_of_2(c))
+        block_c = min(max(TILE // block_r, 1), next_pow2(c))
     # K2 and K4 put the channel blocks on grid axis 1, which CUDA caps at 65535: trade rows for
     # channels (same tile size) until they fit
-    while triton.cdiv(c, block_c) > MAX_GRID_Y:
+    while cdiv(c, block_c) > MAX_GRID_Y:
         block_c *= 2
         block_r = max(block_r // 2, 1)
     max_off = max(
@@ -143,9 +156,9 @@ def num_splits(p: Plan, device: torch.device) -> tuple[int, int]:
         target = 4 * _SM_COUNT[idx]
     else:
         target = CPU_PROGRAMS
-    splits = max(1, min(p.num_tiles, triton.cdiv(target, p.num_cblocks)))
-    per_split = triton.cdiv(p.num_tiles, splits)
-    return triton.cdiv(p.num_tiles, per_split), per_split  # no empty split
+    splits = max(1, min(p.num_tiles, cdiv(target, p.num_cblocks)))
+    per_split = cdiv(p.num_tiles, splits)
+    return cdiv(p.num_tiles, per_split), per_split  # no empty split
 
 
 def merge_block(splits: int, block_c: int) -> int:
@@ -154,7 +167,7 @@ def merge_block(splits: int, block_c: int) -> int:
     (up to 4 per SM) while the rest of the GPU idles. A quarter tile: the registers stay
     those of the tile loop (Triton 3.6, sm_90: K1 93-96 per thread; a half tile took 128-156
     and so fewer resident programs than the 4 per SM the splits assume)."""
-    return max(1, min(triton.next_power_of_2(splits), (TILE // 4) // block_c))
+    return max(1, min(next_pow2(splits), (TILE // 4) // block_c))
 
 
 def _on_index(device: torch.device):
