@@ -103,8 +103,7 @@ def _sums_in_float32(x: Tensor) -> bool:
         return False
     if x.numel() == x.shape[0] * x.shape[1]:
         return True
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(x.dim())
-    return fmt is not None and not x.is_contiguous() and x.is_contiguous(memory_format=fmt)
+    return not x.is_contiguous() and any(x.is_contiguous(memory_format=f) for f in _LAST_FORMATS)
 
 
 def _channel_mean(x: Tensor, out: Tensor) -> Tensor:
@@ -205,7 +204,7 @@ def _var_from_invstd_(invstd: Tensor, eps: float) -> Tensor:
 def moments64(pivot: Tensor, mean_s: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:
     """Float64 (mean, biased var) from what :func:`batch_norm_train` wrote (new tensors: for
     float64 x, ``.double()`` would alias the inputs)."""
-    return mean_s.double() + pivot, var.double().clone()
+    return mean_s.double() + pivot, var.to(torch.float64, copy=True)
 
 
 def _batch_norm_train64(

@@ -136,7 +136,7 @@ def recompute_bn_stats(
     accs = [LayerAccumulator(n, m.running_mean.numel(), m.running_mean.device, per_call)
             for n, m in selected]
     if stop_early is None:
-        subset = layers is not None and len(selected) < len(select_layers(model, None))
+        subset = layers is not None and len(selected) < len(select_layers(layer_root(model), None))
         stop_early = (subset and forward_fn is None
                       and getattr(model, "_orig_mod", None) is None)
         auto_stop = True
