@@ -3,10 +3,11 @@
 // Each thread folds chunks of its values into a float (count, mean, M2): a chunk's own mean and
 // centred M2 are computed in registers, then merged with Chan's delta formula; threads merge in
 // a fixed tree, and every block writes one (mean, M2) partial per channel (its count follows
-// from the tiling). The last block of a channel group merges the partials in split order in
-// float64 and writes what StatsOutputs asks for: mean / var / invstd, K2's affine table,
-// running stats (PyTorch's rule, unbiased variance, momentum or 1 / num_batches_tracked read
-// on the device) and the merge into a float64 multi-batch Welford state. No host sync.
+// from the tiling). The last block of a channel group merges the partials in float64 (shifted
+// sums about the first split's mean, lanes combined in a fixed tree) and writes what
+// StatsOutputs asks for: mean / var / invstd, K2's affine table, running stats (PyTorch's
+// rule, unbiased variance, momentum or 1 / num_batches_tracked read on the device) and the
+// merge into a float64 multi-batch Welford state. No host sync.
 #include "common.cuh"
 
 namespace fastpbn {
@@ -59,10 +60,23 @@ __device__ void finalize(const Tiling& t, const Partials& p, const StatsOutputs&
   const int g = tid / P, lane = tid % P;
   double n = 0.0, mean = 0.0, m2 = 0.0;
   if (g < G) {
+    // Shifted sums about split 0's mean rather than a Chan merge per split: no division and
+    // no dependent chain through the running mean, so up to 4 * SMs splits cost a few FMAs
+    // each (a lane may own all of a channel's splits when the group is wide). In float64,
+    // with the pivot inside the data, s2 - s1^2 / n does not cancel.
     const int64_t c = c0 + g;
+    const double pivot = __ldcg(p.mean + c);
+    double s1 = 0.0, s2 = 0.0;
     for (int64_t k = lane; k < t.splits; k += P) {
-      chan_merge<double>(n, mean, m2, double(split_values(t, k)), __ldcg(p.mean + k * t.C + c),
-                         __ldcg(p.m2 + k * t.C + c));
+      const double nk = double(split_values(t, k));
+      const double d = double(__ldcg(p.mean + k * t.C + c)) - pivot;
+      n += nk;
+      s1 += nk * d;
+      s2 += double(__ldcg(p.m2 + k * t.C + c)) + nk * d * d;
+    }
+    if (n > 0.0) {
+      mean = pivot + s1 / n;
+      m2 = fmax(s2 - s1 * s1 / n, 0.0);
     }
   }
   sn[tid] = n;

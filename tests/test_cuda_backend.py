@@ -571,12 +571,18 @@ def test_welford_update_over_uneven_batches(runner, layout):
     assert torch.allclose(m2.cpu(), ref_m2, rtol=1e-5)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
 @pytest.mark.parametrize("ratio", [1e3, 3e4])
-def test_precision_when_mean_dwarfs_std(runner, ratio):
-    """Centred chunks and Chan merges keep the variance where E[x^2] - E[x]^2 in float32 is
-    20-40 % off (ratio 1e3) or negative (3e4)."""
+def test_precision_when_mean_dwarfs_std(runner, ratio, layout):
+    """Centred chunks, Chan merges and the float64 merge of the split partials keep the
+    variance where E[x^2] - E[x]^2 in float32 is 20-40 % off (ratio 1e3) or negative (3e4)."""
     dev = runner.device
-    x = _shifted((16, 4, 32, 32), 1.0, ratio).float().to(dev)
+    x = _shifted((16, 4, 32, 32), 1.0, ratio).float()
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.to(dev)
+    if runner.plans:
+        assert runner.ext.plan(x)["splits"] > 1, "several partials per channel to merge"
     mean, var = torch.empty(4, device=dev), torch.empty(4, device=dev)
     ws, counters = runner.workspace(x)
     runner.ext.batch_stats(x, mean, var, ws, counters)
