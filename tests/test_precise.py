@@ -316,6 +316,34 @@ def test_stop_early_skips_layers_after_the_last_bn():
     assert len(calls) == 10  # ... unless forward_fn is given
 
 
+class _MultiCrop(nn.Module):
+    """The backbone runs once per crop group, and items carry different numbers of groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.body = nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4))
+
+    def forward(self, crops):
+        return [self.body(self.stem(c)).mean((2, 3)) for c in crops]
+
+
+@pytest.mark.parametrize("stop_early", [None, True])
+def test_stop_early_runs_inputs_of_another_structure_to_the_end(stop_early):
+    """The call pattern is learned on the first item (one crop group); items with two groups
+    call the stem's BN twice, so they are not cut after its first call."""
+    torch.manual_seed(15)
+    model = _MultiCrop()
+    data = [[shifted(8, 3, 6, 6)]] + [[shifted(8, 3, 6, 6), shifted(8, 3, 3, 3)]
+                                      for _ in range(3)]
+    items = lambda item: item  # noqa: E731 - the model takes the whole list
+    truth = ground_truth(model, data, names=["stem.1"])
+    assert truth["stem.1"]["count"] == 4 * 8 * 36 + 3 * 8 * 9
+    stats = recompute_bn_stats(model, data, layers=["stem.1"], stop_early=stop_early,
+                               input_fn=items)
+    assert_close_to_truth(stats, truth)
+
+
 class _SideEffects(nn.Module):
     """A forward with state changes after its last BN layer."""
 

@@ -165,10 +165,14 @@ class CallTracker:
         self.expected: Optional[list[int]] = None
         self.order: list[int] = []
         self.done = 0
+        self.stoppable = True
 
-    def begin_forward(self) -> None:
+    def begin_forward(self, stoppable: bool = True) -> None:
+        """``stoppable``: this forward's input has the first one's structure and shapes, so
+        it may be ended once the learned pattern is complete (see :meth:`all_done`)."""
         self.counts = [0] * len(self.counts)
         self.done = 0
+        self.stoppable = stoppable
 
     def called(self, i: int) -> None:
         self.counts[i] += 1
@@ -183,7 +187,10 @@ class CallTracker:
 
     @property
     def all_done(self) -> bool:
-        return self.done == len(self.counts)
+        """Every layer has made the first forward's number of calls, in a forward whose input
+        is shaped like the first one's: a forward of another shape (another number of crops,
+        a remainder batch) may call a layer more often, so it always runs to the end."""
+        return self.stoppable and self.done == len(self.counts)
 
 
 class PassState:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -32,9 +33,10 @@ class Forward:
         self.graph = None
         self.static = None
         self.key = None
+        self.first = None  # the first input's signature: the call pattern was learned on it
 
-    def eager(self, x: Any) -> None:
-        self.tracker.begin_forward()
+    def eager(self, x: Any, key: tuple) -> None:
+        self.tracker.begin_forward(stoppable=key == self.first)
         try:
             if self.forward_fn is None:
                 self.model(x)
@@ -44,10 +46,12 @@ class Forward:
             pass
 
     def __call__(self, x: Any) -> None:
-        if self.graph_device is None:
-            self.eager(x)
-            return
         key = _signature(x)
+        if self.first is None:
+            self.first = key
+        if self.graph_device is None:
+            self.eager(x, key)
+            return
         if self.graph is not None and key == self.key:
             for dst, src in zip(tensors(self.static), tensors(x)):
                 dst.copy_(src)
@@ -58,14 +62,14 @@ class Forward:
         else:
             if self.graph is None:
                 self.key = key
-            self._side_stream(x)
+            self._side_stream(x, key)
 
-    def _side_stream(self, x: Any) -> None:
+    def _side_stream(self, x: Any, key: tuple) -> None:
         compute = torch.cuda.current_stream(self.graph_device)
         side = torch.cuda.Stream(self.graph_device)
         side.wait_stream(compute)
         with torch.cuda.stream(side):
-            self.eager(x)
+            self.eager(x, key)
         compute.wait_stream(side)
 
     def _capture(self, x: Any) -> None:
@@ -75,7 +79,8 @@ class Forward:
             # thread-local: other threads' CUDA calls (a DataLoader's pin-memory thread
             # allocating pinned buffers) neither invalidate the capture nor fail themselves
             with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.eager(self.static)  # StopForward is absorbed inside: capture ends cleanly
+                # StopForward is absorbed inside: the capture ends cleanly
+                self.eager(self.static, self.key)
         except RuntimeError as e:
             raise RuntimeError(
                 "cuda_graph=True: the forward could not be captured as a CUDA graph (it may "
@@ -85,4 +90,17 @@ class Forward:
 
 
 def _signature(x: Any) -> tuple:
-    return tuple((t.shape, t.dtype, t.device, t.stride()) for t in tensors(x))
+    """The structure of a model input: containers and their lengths or keys, each tensor's
+    shape, dtype, device and strides, and the other leaves' values (an int may steer the
+    forward) or, when unhashable, their types."""
+    if isinstance(x, torch.Tensor):
+        return (x.shape, x.dtype, x.device, x.stride())
+    if isinstance(x, (tuple, list)):
+        return (type(x), *map(_signature, x))
+    if isinstance(x, Mapping):
+        return (type(x), *((k, _signature(v)) for k, v in x.items()))
+    try:
+        hash(x)
+    except TypeError:
+        return (type(x),)
+    return (type(x), x)

@@ -101,7 +101,10 @@ def recompute_bn_stats(
         stop_early: end each forward after the last call of a selected layer (learned on the
             first batch) once every selected layer has made its calls, by raising through the
             model's forward: whatever follows that layer does not run (so nor do side effects
-            the forward has after it). None (default): on when ``layers`` selects only some
+            the forward has after it). Only inputs with the first one's structure (containers,
+            tensor shapes, dtypes, other leaves' values) are cut; others run to the end. It
+            assumes such inputs call each selected layer equally often (no value-dependent
+            branching). None (default): on when ``layers`` selects only some
             of the model's BN layers (where it saves real time: 34 % with a ResNet-50's stem
             and first stage) and no ``forward_fn`` is given (it may call the model more than
             once or need outputs), no layer is called more than once per forward and the
