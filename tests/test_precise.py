@@ -344,6 +344,33 @@ def test_stop_early_runs_inputs_of_another_structure_to_the_end(stop_early):
     assert_close_to_truth(stats, truth)
 
 
+class _Energy(nn.Module):
+    """A forward that differentiates inside (forces = -dE/dx of an energy model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (f,) = torch.autograd.grad(self.net(x).sum(), x)
+        return -f
+
+
+def test_forward_that_runs_autograd_inside():
+    torch.manual_seed(16)
+    model = _Energy()
+    data = [torch.randn(64, 6) * 2 + 3 for _ in range(3)]
+    truth = ground_truth(model, data)
+    assert_close_to_truth(recompute_bn_stats(model, data), truth)
+    ours = copy.deepcopy(model).train()
+    update_bn_stats(ours, data, num_iters=3)
+    n = truth["net.1"]["count"]
+    torch.testing.assert_close(ours.net[1].running_var.double(),
+                               truth["net.1"]["var"] * (n - 1) / n, rtol=1e-6, atol=0)
+
+
 class _SideEffects(nn.Module):
     """A forward with state changes after its last BN layer."""
 

@@ -26,6 +26,7 @@ import types
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._torch_ops import batch_norm_train, chan_merge_, mean_dwarfs_std, moments64
@@ -74,15 +75,23 @@ class FlatStats:
             if x.dtype == torch.float64:  # as PyTorch's own CPU kernel
                 raise RuntimeError(f"BN layer {name!r} ({type(module).__name__}): float64 input "
                                    "to a float32 layer (convert the model with .double())")
-            shift = self.shift[slot]  # None until the first call has decided
-            y = batch_norm_train(x, module.weight, module.bias, module.eps, pivot, mean_s, var,
-                                 shift=bool(shift))
-            if shift is None:  # first call: keep the unshifted result if it is exact
-                shift = self.shift[slot] = mean_dwarfs_std(pivot, mean_s, var)
-                if shift:
-                    y = batch_norm_train(x, module.weight, module.bias, module.eps, pivot,
-                                         mean_s, var)
+            weight, bias = module.weight, module.bias
+            # a forward that differentiates (an energy model's -dE/dx under enable_grad): the
+            # statistics come from the detached tensors (batch_norm_train writes into
+            # out= buffers, which autograd refuses), the output from PyTorch's kernel
+            grad = torch.is_grad_enabled() and any(
+                t is not None and t.requires_grad for t in (x, weight, bias))
+            with torch.no_grad():
+                shift = self.shift[slot]  # None until the first call has decided
+                y = batch_norm_train(x, weight, bias, module.eps, pivot, mean_s, var,
+                                     shift=bool(shift))
+                if shift is None:  # first call: keep the unshifted result if it is exact
+                    shift = self.shift[slot] = mean_dwarfs_std(pivot, mean_s, var)
+                    if shift:
+                        y = batch_norm_train(x, weight, bias, module.eps, pivot, mean_s, var)
             self.n[slot] = x.numel() // x.shape[1]
+            if grad:
+                return F.batch_norm(x, None, None, weight, bias, True, 0.0, module.eps)
             return y
 
         return types.MethodType(forward, layer)
