@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from fastpbn import FastPreciseBN2d, convert_model
+from fastpbn import FastPreciseBN2d, WelfordState, convert_model
 from fastpbn.models import SmallCNN, small_resnet
 from fastpbn.precise import PopulationStats, recompute_bn_stats, update_bn_stats
 from fastpbn.precise._collect import has_running_stats
@@ -369,6 +369,58 @@ def test_forward_that_runs_autograd_inside():
     n = truth["net.1"]["count"]
     torch.testing.assert_close(ours.net[1].running_var.double(),
                                truth["net.1"]["var"] * (n - 1) / n, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("eps", [1e-5, 1e-3])
+def test_channels_with_variance_far_below_eps(eps):
+    """Small activations (PyTorch's kernel path): a variance read back from
+    1/sqrt(var + eps) would be 2e-3 (eps 1e-5) to 0.16 (eps 1e-3) off at std 1e-5."""
+    torch.manual_seed(17)
+    model = nn.Sequential(nn.BatchNorm2d(6, eps=eps))
+    scale = torch.tensor([1, 1e-2, 1e-3, 1e-4, 1e-5, 0]).view(1, 6, 1, 1)
+    data = [torch.randn(32, 6, 8, 8) * scale + 0.5 for _ in range(3)]
+    truth = ground_truth(model, data)["0"]
+    stats = recompute_bn_stats(model, data)["0"]
+    assert stats.var[5] == 0 and model[0].running_var[5] == 0  # a constant channel
+    assert ((stats.var[:5] - truth["var"][:5]).abs() / truth["var"][:5]).max() < 1e-6
+    layer = FastPreciseBN2d(6, eps=eps)  # a training forward's accumulator: the same path
+    layer.accumulator = WelfordState(6)
+    layer(data[0])
+    var = data[0].double().var((0, 2, 3))
+    assert ((layer.accumulator.var()[:5] - var[:5]).abs() / var[:5]).max() < 1e-6
+
+
+def _wrap_forward(layer, fn):
+    """Replace ``layer.forward`` on the instance, as hook libraries do; returns its calls."""
+    inner, calls = layer.forward, []
+
+    def forward(x):
+        calls.append(len(x))
+        return inner(fn(x))
+
+    layer.forward = forward
+    return calls
+
+
+@pytest.mark.parametrize("cls", [nn.BatchNorm2d, FastPreciseBN2d])
+def test_layer_whose_forward_a_wrapper_replaced(cls):
+    """The wrapper runs; a FastPreciseBN layer is measured on what it normalizes (the
+    wrapper's transformed input), a stock one on its input."""
+    torch.manual_seed(18)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3),
+                          cls(4))
+    data = [shifted(16, 2, 8, 8) for _ in range(3)]
+    truth = ground_truth(model, data)
+    first = _wrap_forward(model[1], lambda x: x)
+    scale, shift = (0.5, 3.0) if cls is FastPreciseBN2d else (1.0, 0.0)
+    last = _wrap_forward(model[4], lambda x: x * scale + shift)
+    wrapper = model[1].forward
+    stats = recompute_bn_stats(model, data)
+    assert first == last == [16] * 3 and model[1].forward is wrapper
+    assert_close_to_truth({"1": stats["1"]}, {"1": truth["1"]})
+    t = truth["4"]
+    assert_close_to_truth({"4": stats["4"]}, {"4": dict(t, mean=t["mean"] * scale + shift,
+                                                        var=t["var"] * scale**2)})
 
 
 class _SideEffects(nn.Module):

@@ -5,10 +5,11 @@ Statistics are gathered without writing any buffer: selected layers run with
 ``track_running_stats=False`` (batch statistics, no EMA update, no ``num_batches_tracked``
 increment) while FastPreciseBN layers merge each batch into ``layer.accumulator`` inside their
 statistics kernel and other BN layers feed a forward pre-hook. So an interrupted pass leaves
-every buffer as it was, and restoring the model is resetting a few attributes. Subclasses
-keep their own ``forward`` (only the exact stock and FastPreciseBN classes get the pass's fast
-forwards): a FastPreciseBN subclass accumulates whatever its forward normalizes through
-``FastPreciseBN.forward``; a stock subclass is measured at its input, by the pre-hook.
+every buffer as it was, and restoring the model is resetting a few attributes. Subclasses,
+and layers whose ``forward`` was replaced on the instance (a wrapper), keep their own
+``forward`` (only the other exact stock and FastPreciseBN layers get the pass's fast
+forwards): a FastPreciseBN layer among them accumulates whatever ``FastPreciseBN.forward``
+normalizes; a stock one is measured at its input, by the pre-hook.
 """
 
 from __future__ import annotations
@@ -217,6 +218,9 @@ class PassState:
         self.forwards = [
             (m, m.__dict__.get("forward", _MISSING)) for _, m in layers if type(m) in EXACT_TYPES
         ]
+        # layers whose forward was replaced on the instance (a wrapper may change the input,
+        # or move it): their forward runs as it is
+        self.wrapped = {id(m) for m, f in self.forwards if f is not _MISSING}
         self.flat: Optional[FlatStats] = None
         # buffers are not written during a pass; a copy is still put back for BN subclasses of
         # unknown behaviour (the exact stock and FastPreciseBN classes honour the flag)
@@ -239,7 +243,8 @@ class PassState:
     def install(self, accs: list[LayerAccumulator], tracker: CallTracker) -> None:
         """Route every selected layer's batches into its accumulator."""
         flat = [i for i, ((_, m), acc) in enumerate(zip(self.layers, accs))
-                if _flat_eligible(m, acc)] if _cpu_backend_is_torch() else []
+                if id(m) not in self.wrapped and _flat_eligible(m, acc)
+                ] if _cpu_backend_is_torch() else []
         if flat:
             self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i].total for i in flat],
                                   tracker)
@@ -250,8 +255,9 @@ class PassState:
         for i, ((name, m), acc) in enumerate(zip(self.layers, accs)):
             if i in served:  # the FlatStats forward counts the call: no hook
                 continue
-            fast = isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
-            if type(m) in BORROW_TYPES:
+            borrow = type(m) in BORROW_TYPES and id(m) not in self.wrapped
+            fast = isinstance(m, FAST_TYPES) or borrow
+            if borrow:
                 m.forward = types.MethodType(FastPreciseBN2d.forward, m)
             if fast:
                 m.accumulator = acc.target

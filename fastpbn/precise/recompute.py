@@ -79,9 +79,9 @@ def recompute_bn_stats(
             pycls, mmpretrain).
         layers: which BN layers to recompute: modules or names (as in ``named_modules()``),
             one or a list, or ``fn(name, module) -> bool``; None: every BN layer with running
-            statistics. Subclasses keep their own
-            ``forward``; a FastPreciseBN subclass is measured on what it normalizes (through
-            ``FastPreciseBN.forward``), any other BN layer on its input.
+            statistics. Subclasses, and layers whose ``forward`` was replaced on the instance,
+            keep their own ``forward``; a FastPreciseBN layer is measured on what it
+            normalizes (through ``FastPreciseBN.forward``), any other such layer on its input.
         input_fn: ``input_fn(item)`` -> model input (tensor or structure of tensors).
         forward_fn: ``forward_fn(model, inputs)`` runs the model; default ``model(inputs)``.
         device: where inputs go (non-blocking copies from pinned memory, overlapped with the
