@@ -55,7 +55,10 @@ def recompute_bn_stats(
     """Recompute the population statistics of a model's BN layers ("PreciseBN").
 
     During the pass the selected layers normalize with batch statistics and every other module
-    is in eval mode (no dropout; frozen BN layers keep their running statistics). Afterwards
+    is in eval mode (no dropout; BN layers left out of ``layers`` normalize with, and keep,
+    their running statistics). The default selects every BN layer, also those a model keeps
+    in eval mode (frozen, e.g. by a ``train()`` override): leave them out with ``layers=``,
+    e.g. ``layers=lambda name, m: m.training``. Afterwards
     every ``training`` flag, momentum, buffer and hook is as before -- also when the pass
     raises or is interrupted, in which case nothing is written. No host synchronization
     happens per batch (only every ``tol_every`` batches with ``tol``).
