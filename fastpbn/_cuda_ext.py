@@ -28,7 +28,7 @@ from typing import Iterator, Optional
 import torch
 from torch import Tensor
 
-from ._scratch import workspace
+from ._scratch import output_like, workspace
 
 _SOURCE_SUFFIXES = (".cu", ".cuh", ".cpp", ".h")
 _ERROR_CHARS = 1500  # how much of a compiler log a reason quotes
@@ -233,12 +233,12 @@ def forward_train(
         eps: added to the variance.
         acc: None or a float64 ``(count, mean, m2)`` triple of (C,) tensors, merged in place.
     Returns:
-        (y like ``torch.empty_like(x)``, float32 save_mean, float32 save_invstd).
+        (y laid out as ``output_like(x)``, float32 save_mean, float32 save_invstd).
     """
     ext = load()
-    given, x = x, _viewable(x)
+    y = output_like(x)
+    x = _viewable(x)
     c = x.shape[1]
-    y = torch.empty_like(x)
     save_mean = x.new_empty(c, dtype=torch.float32)
     save_invstd = x.new_empty(c, dtype=torch.float32)
     rm, rv = _contig(running_mean), _contig(running_var)
@@ -253,7 +253,7 @@ def forward_train(
     _write_back(running_var, rv)
     for dst, src in zip(acc or (), acc_k):
         _write_back(dst, src)
-    return _like(y, given, x), save_mean, save_invstd
+    return y, save_mean, save_invstd
 
 
 def forward_eval(
@@ -267,16 +267,15 @@ def forward_eval(
     """Eval batch norm with the running statistics (K2 alone).
 
     Returns:
-        y like ``torch.empty_like(x)``, x's dtype.
+        y laid out as ``output_like(x)``, x's dtype.
     """
     ext = load()
-    given, x = x, _viewable(x)
-    y = torch.empty_like(x)
+    y = output_like(x)
     ext.forward_eval(
-        x, y, _contig(weight), _contig(bias), _contig(running_mean), _contig(running_var),
-        float(eps),
+        _viewable(x), y, _contig(weight), _contig(bias), _contig(running_mean),
+        _contig(running_var), float(eps),
     )
-    return _like(y, given, x)
+    return y
 
 
 def backward(

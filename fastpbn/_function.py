@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from ._backend import get_backend
+from ._scratch import output_like
 
 
 def _param_grad(x: Tensor, weight: Optional[Tensor]) -> Tensor:
@@ -61,7 +62,7 @@ def _train_impl(x, weight, bias, running_mean, running_var, num_batches_tracked,
 def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, *acc):
     c = x.shape[1]
     return (
-        torch.empty_like(x),
+        output_like(x),
         x.new_empty(c, dtype=stats_dtype(x)),
         x.new_empty(c, dtype=stats_dtype(x)),
     )
@@ -86,7 +87,7 @@ def _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=None):
 
 @batch_norm_eval.register_fake
 def _(x, weight, bias, running_mean, running_var, eps):
-    return torch.empty_like(x)
+    return output_like(x)
 
 
 @torch.library.custom_op("fastpbn::batch_norm_backward", mutates_args=())
@@ -128,6 +129,11 @@ def _grads(ctx, grad_out, x, weight, mean, invstd, training):
             ctx.needs_input_grad[2]]
     if torch.compiler.is_compiling():
         dx, dw, db = batch_norm_backward(grad_out, x, weight, mean, invstd, training, mask)
+    elif torch.is_grad_enabled():
+        # backward(create_graph=True): PyTorch's backward kernel, which has a derivative
+        # (double backward); fastpbn's kernels have none
+        dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, mask,
+                                    get_backend(x, "torch"))
     else:  # the backend the forward resolved
         dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, mask,
                                     ctx.backend)

@@ -1,4 +1,5 @@
-"""Scratch memory for the split reductions of both GPU backends (Triton K1 / K3, CUDA C++).
+"""Scratch memory for the split reductions of both GPU backends (Triton K1 / K3, CUDA C++),
+and the layout every backend gives a normalized output (:func:`output_like`).
 
 A reduction writes per-split partial sums into a float32 buffer and counts finished splits in
 an int32 buffer that must start at zero; every kernel leaves the counters it increments at zero
@@ -27,6 +28,19 @@ import threading
 
 import torch
 from torch import Tensor
+
+def output_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An uninitialised tensor shaped like ``x`` in the layout PyTorch's batch-norm kernels give
+    their output (its ``suggest_memory_format``): channels_last / channels_last_3d when x is
+    laid out so, else contiguous -- not x's own strides when x is another permutation (a
+    transposed (N, L, C) input of BatchNorm1d, say)."""
+    fmt = torch.contiguous_format
+    if x.dim() in (4, 5) and not x.is_contiguous():
+        last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+        if x.is_contiguous(memory_format=last):
+            fmt = last
+    return torch.empty_like(x, dtype=dtype, memory_format=fmt)
+
 
 _cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 _alloc_streams: dict[torch.device, torch.cuda.Stream] = {}

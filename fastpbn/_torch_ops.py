@@ -13,6 +13,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._scratch import output_like
+
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
     return v.view(1, -1, *([1] * (x.dim() - 2)))
@@ -149,7 +151,7 @@ def batch_norm_train(
         else:
             out_dtype = x.dtype
         _channel_mean(x, pivot)
-        y = torch.empty_like(x)  # first holds the squared deviations
+        y = output_like(x)  # first holds the squared deviations
         if shift:
             src = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))  # d
             centre = _channel_mean(src, mean_s)
@@ -172,7 +174,7 @@ def batch_norm_train(
         d = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if weight is not None and weight.dtype != d.dtype:
         weight, bias = weight.to(d.dtype), None if bias is None else bias.to(d.dtype)
-    y = torch.empty_like(d)
+    y = output_like(d)
     # the statistics with eps = 0: var from invstd = 1/sqrt(var + eps) would lose
     # ~2.4e-7 * eps/var relatively (2e-3 at std 1e-5 with eps 1e-5) ...
     torch.ops.aten.native_batch_norm.out(

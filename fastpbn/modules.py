@@ -10,8 +10,10 @@ backends. Two differences a user can rely on:
   forward also merges its batch statistics into it, inside the statistics kernel. This is how
   precise statistics are gathered without a second pass over the activations.
 
-Under TorchScript (``torch.jit.script``) the layers run PyTorch's own kernel, with stock
-semantics; ``torch.compile`` traces fastpbn's custom ops.
+Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.fx.symbolic_trace``,
+``torch.func`` transforms and forward-mode AD the layers run PyTorch's own kernel, with stock
+semantics (those tools record or transform PyTorch's ops only; an ``accumulator`` is refused
+there); ``torch.compile`` traces fastpbn's custom ops.
 """
 
 from __future__ import annotations
@@ -30,12 +32,15 @@ class _FastPreciseBNMixin:
     accumulator: Optional[WelfordState] = None
 
     def forward(self, input: Tensor) -> Tensor:
-        self._check_input_dim(input)
+        fx = not torch.jit.is_scripting() and _fx_tracing(input)
+        if not fx:  # FX proxies carry no shape to check
+            self._check_input_dim(input)
         momentum: Optional[float] = self.momentum
         num_batches_tracked: Optional[Tensor] = None
         counter = self.num_batches_tracked
         if self.training and self.track_running_stats and counter is not None:
-            counter.add_(1)
+            if not fx:  # an FX graph would not record it
+                counter.add_(1)
             num_batches_tracked = counter
         elif momentum is None:
             momentum = 0.0
@@ -43,9 +48,14 @@ class _FastPreciseBNMixin:
         use_buffers = not self.training or self.track_running_stats
         running_mean = self.running_mean if use_buffers else None
         running_var = self.running_var if use_buffers else None
-        if torch.jit.is_scripting():  # TorchScript: PyTorch's kernel, stock semantics
+        if torch.jit.is_scripting() or fx:
+            # TorchScript and FX graphs record PyTorch's kernel, with stock semantics (FX
+            # records neither the counter's increment nor a factor read from it)
             if momentum is None:
                 assert num_batches_tracked is not None
+                if fx:
+                    raise RuntimeError("torch.fx cannot trace a BN layer with momentum=None "
+                                       "(its factor 1/num_batches_tracked changes per call)")
                 momentum = 1.0 / float(num_batches_tracked)
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 bn_training, momentum, self.eps)
@@ -54,20 +64,36 @@ class _FastPreciseBNMixin:
 
 
 @torch.jit.unused
+def _fx_tracing(input):
+    # type: (Tensor) -> bool
+    """``torch.fx.symbolic_trace`` is tracing (it traces into modules outside ``torch.nn``;
+    ``input`` is then a proxy)."""
+    from torch.fx import _symbolic_trace
+
+    return getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)()
+
+
+@torch.jit.unused
 def _normalize(layer: nn.Module, input: Tensor, running_mean: Optional[Tensor],
                running_var: Optional[Tensor], momentum: Optional[float],
                num_batches_tracked: Optional[Tensor], bn_training: bool) -> Tensor:
     """The eager (and torch.compile) path: fastpbn's ops. A function, not a method: stock
-    layers borrow ``forward`` during a recompute pass."""
-    if bn_training:
-        return ops.batch_norm_train(
-            input, running_mean, running_var, layer.weight, layer.bias, momentum, layer.eps,
-            num_batches_tracked=num_batches_tracked,
-            accumulator=getattr(layer, "accumulator", None),
+    layers borrow ``forward`` during a recompute pass. A call that raises takes back its
+    ``num_batches_tracked`` increment."""
+    try:
+        if bn_training:
+            return ops.batch_norm_train(
+                input, running_mean, running_var, layer.weight, layer.bias, momentum,
+                layer.eps, num_batches_tracked=num_batches_tracked,
+                accumulator=getattr(layer, "accumulator", None),
+            )
+        return ops.batch_norm(
+            input, running_mean, running_var, layer.weight, layer.bias, False, 0.0, layer.eps
         )
-    return ops.batch_norm(
-        input, running_mean, running_var, layer.weight, layer.bias, False, 0.0, layer.eps
-    )
+    except BaseException:
+        if num_batches_tracked is not None:
+            num_batches_tracked.sub_(1)
+        raise
 
 
 class FastPreciseBN1d(_FastPreciseBNMixin, nn.BatchNorm1d):

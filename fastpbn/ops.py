@@ -8,8 +8,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad
 
-from . import _function
+from . import _function, _torch_ops
 from ._backend import get_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -37,10 +38,19 @@ def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
 
 
 def _verify_batch_size(x: Tensor) -> None:
-    if math.prod(x.shape) // x.shape[1] == 1:
+    if x.shape[0] * math.prod(x.shape[2:]) == 1:  # as PyTorch's (also right for C = 0)
         raise ValueError(
             f"Expected more than 1 value per channel when training, got input size {x.size()}"
         )
+
+
+def _stock_only(x: Tensor) -> bool:
+    """Where PyTorch's own kernel serves the call, with stock semantics: ``torch.jit.trace``,
+    ``torch.func`` transforms and forward-mode AD record or transform PyTorch's ops only (a
+    Python kernel behind an ``autograd.Function`` has no batching or forward-derivative
+    rule), and an empty input has nothing for fastpbn's kernels to do."""
+    return (x.numel() == 0 or torch.jit.is_tracing() or forward_ad._current_level >= 0
+            or torch._C._are_functorch_transforms_active())
 
 
 def _eager_backend(x: Tensor):
@@ -100,6 +110,11 @@ def batch_norm_train(
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)
     backend = _eager_backend(input)
+    if backend is not None and _stock_only(input):
+        if accumulator is not None and input.numel():
+            raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
+                               "torch.jit.trace, torch.func transforms or forward-mode AD")
+        return _torch_ops.native_forward_train(*args[:8])
     if (backend is not None and backend.name == "torch" and accumulator is None
             and backend.native_train(input)):
         return backend.native_forward_train(*args[:8])
@@ -138,8 +153,8 @@ def batch_norm(
     )
     args = (input, weight, bias, running_mean, running_var, eps)
     backend = _eager_backend(input)
-    if backend is not None and backend.name == "torch":
-        return backend.forward_eval(*args)
+    if backend is not None and (backend.name == "torch" or _stock_only(input)):
+        return _torch_ops.forward_eval(*args)
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormEval.apply(*args, backend)
     return _function.batch_norm_eval_no_grad(*args, backend=backend)

@@ -21,6 +21,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from fastpbn._scratch import output_like
+
 from .gradients import k3_k4_backward
 from .layout import plan
 from .normalize import k2_normalize
@@ -79,13 +81,13 @@ def forward_train(
         eps: added to the variance.
         acc: None or float64 (count, mean, m2) (C,) tensors; the batch is merged in place.
     Returns:
-        (y like ``torch.empty_like(x)``, float32 save_mean, float32 save_invstd).
+        (y laid out as ``output_like(x)``, float32 save_mean, float32 save_invstd).
     """
     _stats_input(x, "forward_train")
     if (running_mean is None) != (running_var is None):
         raise ValueError("running_mean and running_var must both be given or both be None")
     c = x.shape[1]
-    y = torch.empty_like(x)
+    y = output_like(x)
     save = (x.new_empty(c, dtype=_F32), x.new_empty(c, dtype=_F32))
     p, (xk, yk) = _viewed((x,), (y,))
     running = acc_k = None
@@ -116,9 +118,9 @@ def forward_eval(
     """Eval batch norm with the running statistics (K2 only).
 
     Returns:
-        y like ``torch.empty_like(x)``, x's dtype.
+        y laid out as ``output_like(x)``, x's dtype.
     """
-    y = torch.empty_like(x)
+    y = output_like(x)
     if x.numel() == 0:
         return y
     p, (xk, yk) = _viewed((x,), (y,))

@@ -294,7 +294,8 @@ def test_errors_match_stock():
     for m in (stock, ours):
         with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
             m(one_value)
-    assert ours.num_batches_tracked.item() == stock.num_batches_tracked.item()
+    # stock counts the two failed calls; a failed call here takes back its increment
+    assert stock.num_batches_tracked.item() == 2 and ours.num_batches_tracked.item() == 0
 
 
 def test_functional_batch_norm_matches_torch(backend):
@@ -313,6 +314,8 @@ def test_functional_batch_norm_matches_torch(backend):
     for fn in (fastpbn.batch_norm, torch.nn.functional.batch_norm):  # the same error type
         with pytest.raises(RuntimeError, match="running_mean"):
             fn(x, None, None, training=False)
+        no_channels = fn(torch.randn(4, 0, 3, device=DEVICE), None, None, training=True)
+        assert no_channels.shape == (4, 0, 3)
 
 
 def test_batch_stats_against_reference(backend):
@@ -394,3 +397,107 @@ def test_convert_model_keeps_shared_layers_and_hooks():
     model["b"](shifted(4, 3, 5, 5))
     assert seen == [FastPreciseBN2d]
     assert bn.num_batches_tracked.item() == 1
+
+
+def _served_shape(backend):
+    """A shape fastpbn's own path serves: the torch backend hands smaller eager inputs to
+    PyTorch's kernel (and C++ autograd) itself; the interpreted Triton kernels are slow."""
+    return (8, 8, 64, 64) if backend == "torch" else (4, 8, 5, 6)
+
+
+@pytest.mark.parametrize("tracer", ["jit.trace", "fx"])
+def test_traced_graphs_record_the_stock_kernel(backend, tracer):
+    """torch.jit.trace and torch.fx.symbolic_trace see PyTorch's own ops only: a converted
+    model records PyTorch's kernel, so the graph updates the running stats once a call and
+    matches stock (jit.trace used to update them twice; FX could not trace at all)."""
+    torch.manual_seed(4)
+    stock = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).to(DEVICE)
+    ours = fastpbn.convert_model(copy.deepcopy(stock))
+    xs = [shifted(*_served_shape(backend)) for _ in range(3)]
+    if tracer == "jit.trace":
+        graph = torch.jit.trace(ours, xs[0], check_trace=False)
+        stock(xs[0])  # tracing ran the forward once
+    else:
+        graph = torch.fx.symbolic_trace(ours)
+    for x in xs[1:]:
+        torch.testing.assert_close(graph(x), stock(x))
+    state = graph.state_dict()
+    for name, buf in stock.state_dict().items():
+        if name in state or tracer != "fx":  # an FX graph keeps no num_batches_tracked
+            torch.testing.assert_close(state[name], buf, msg=name)
+    if tracer == "fx":
+        with pytest.raises(RuntimeError, match="momentum=None"):
+            torch.fx.symbolic_trace(FastPreciseBN2d(8, momentum=None))
+
+
+def test_torch_func_transforms_and_forward_ad(backend):
+    """torch.func (vmap / grad / jvp) and forward-mode AD run through PyTorch's kernel, as with
+    stock BN (a Python autograd.Function has no batching or forward-derivative rule)."""
+    from torch.func import functional_call, grad, jvp, replace_all_batch_norm_modules_, vmap
+
+    shape = _served_shape(backend)
+    for track in (True, False):
+        stock, ours = make_pair(2, 8, track_running_stats=track)
+        if track:  # per-sample gradients need the stats off, as stock documents
+            replace_all_batch_norm_modules_(stock), replace_all_batch_norm_modules_(ours)
+        xb, tangent_in = shifted(2, *shape), torch.randn(shape, device=DEVICE)
+        params = {k: v.detach() for k, v in stock.named_parameters()}
+        outs = []
+        for m in (stock, ours):
+            per_sample = vmap(grad(lambda p, x: functional_call(m, p, (x,)).square().sum()),
+                              in_dims=(None, 0))(params, xb)
+            y, t = jvp(m, (xb[0],), (torch.ones_like(xb[0]),))
+            with torch.autograd.forward_ad.dual_level():
+                dual = torch.autograd.forward_ad.make_dual(xb[1], tangent_in)
+                tangent = torch.autograd.forward_ad.unpack_dual(m(dual)).tangent
+            outs.append([per_sample["weight"], per_sample["bias"], y, t, tangent])
+        for a, b in zip(*outs):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_double_backward(backend, train):
+    """backward(create_graph=True) (a gradient penalty): the second-order gradients equal
+    stock's, on every backend."""
+    stock, ours = make_pair(2, 8)
+    stock.train(train), ours.train(train)
+    x = shifted(*_served_shape(backend), mean=1.0, std=2.0)
+    v = torch.randn_like(x)
+    grads = []
+    for m in (stock, ours):
+        xx = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad((m(xx) * v).sum(), xx, create_graph=True)
+        # in eval dx does not depend on x: its second-order gradient is None, as stock's
+        grads.append(torch.autograd.grad(gx.square().sum(), (xx, m.weight), allow_unused=True))
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None) and (a is not None) == train or b is not None
+        if a is not None:
+            torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-4)
+
+
+def test_empty_batch_and_output_layout(backend):
+    """An empty batch returns an empty output as stock does; a permuted input gets stock's
+    output layout (contiguous, or channels_last when the input is), not its own strides."""
+    stock, ours = make_pair(2, 3)
+    for m in (stock, ours):
+        assert m(torch.randn(0, 3, 4, 4, device=DEVICE)).shape == (0, 3, 4, 4)
+    torch.testing.assert_close(ours.running_mean, stock.running_mean)
+    assert ours.num_batches_tracked.item() == stock.num_batches_tracked.item()
+    for x in (shifted(2, 4, 5, 3).permute(0, 3, 2, 1), shifted(2, 5, 4, 3).permute(0, 3, 1, 2)):
+        for train in (True, False):
+            stock.train(train), ours.train(train)
+            ys, yo = stock(x), ours(x)
+            assert yo.stride() == ys.stride(), (x.stride(), train)
+            torch.testing.assert_close(yo, ys, rtol=1e-4, atol=1e-4)
+
+
+def test_a_failed_call_takes_back_its_counter_increment(backend):
+    layer = FastPreciseBN2d(3).to(DEVICE).double()
+    x = shifted(4, 3, 5, 5).double()
+    if backend == "triton":  # float64 is refused by name
+        with pytest.raises(fastpbn.BackendUnavailable):
+            layer(x)
+        assert layer.num_batches_tracked.item() == 0
+    with pytest.raises(RuntimeError, match="should contain 4 elements not 3"):
+        layer(shifted(4, 4, 5, 5).double())
+    assert layer.num_batches_tracked.item() == 0 and (layer.running_mean == 0).all()

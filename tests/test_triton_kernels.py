@@ -133,7 +133,7 @@ def test_forward_train(name, dtype):
             x, w, b, rm_s, rv_s, True, factor, 1e-5
         )
         yr, meanr, invstdr, rmr, rvr = ref_forward(x, w, b, rm, rv, True, factor, 1e-5)
-        assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+        assert y.dtype == dtype and y.stride() == _scratch.output_like(x).stride()
         assert mean.dtype == invstd.dtype == torch.float32
         check("y", y, ys, yr, dtype)
         check("save_mean", mean, means, meanr, dtype)
@@ -169,7 +169,7 @@ def test_forward_eval(name, dtype):
     y = K.forward_eval(x, w, b, rm, rv, 1e-3)
     ys = torch.ops.aten.native_batch_norm(x, w.float(), b.float(), rm, rv, False, 0.0, 1e-3)[0]
     yr = batch_norm_reference(x, rm, rv, w, b, False, 0.0, 1e-3)[0]
-    assert y.dtype == dtype and y.stride() == torch.empty_like(x).stride()
+    assert y.dtype == dtype and y.stride() == _scratch.output_like(x).stride()
     check("eval y", y, ys, yr, dtype)
     y = K.forward_eval(x, None, None, rm, rv, 1e-3)
     yr = batch_norm_reference(x, rm, rv, None, None, False, 0.0, 1e-3)[0]
