@@ -1,13 +1,16 @@
 // K1: per-channel batch statistics, one launch.
 //
-// Each thread folds chunks of its values into a float (count, mean, M2): a chunk's own mean and
-// centred M2 are computed in registers, then merged with Chan's delta formula; threads merge in
-// a fixed tree, and every block writes one (mean, M2) partial per channel (its count follows
-// from the tiling). The last block of a channel group merges the partials in float64 (shifted
-// sums about the first split's mean, lanes combined in a fixed tree) and writes what
-// StatsOutputs asks for: mean / var / invstd, K2's affine table, running stats (PyTorch's
-// rule, unbiased variance, momentum or 1 / num_batches_tracked read on the device) and the
-// merge into a float64 multi-batch Welford state. No host sync.
+// Values are taken relative to a pivot, the channel's first value (near the mean in real
+// data), so float sums keep the precision of the spread rather than of |mean| (|mean|/std of
+// 1e4 and more). Each thread folds chunks of its values into a float (count, mean, M2): a
+// chunk's own mean and centred M2 are computed in registers, then merged with Chan's delta
+// formula; threads merge in a fixed tree, and every block writes one (mean, M2) partial per
+// channel (its count follows from the tiling). The last block of a channel group merges the
+// partials in float64 (shifted sums about the first split's mean, lanes combined in a fixed
+// tree) and writes what StatsOutputs asks for: mean / var / invstd, K2's affine table
+// (centred on the pivot), running stats (PyTorch's rule, unbiased variance, momentum or
+// 1 / num_batches_tracked read on the device) and the merge into a float64 multi-batch Welford
+// state. No host sync.
 #include "common.cuh"
 
 namespace fastpbn {
@@ -21,17 +24,21 @@ struct Partials {
   unsigned* counters;
 };
 
-__device__ void write_channel(const StatsOutputs& o, int64_t C, int64_t c, double n, double mean,
-                              double m2) {
+// `pivot` is the channel's first value; `shifted` its mean relative to it (what the partials
+// hold), so mean = pivot + shifted.
+__device__ void write_channel(const StatsOutputs& o, int64_t C, int64_t c, double n, float pivot,
+                              double shifted, double m2) {
+  const double mean = double(pivot) + shifted;
   const double var = m2 / n;
   const double invstd = 1.0 / sqrt(var + o.eps);
   if (o.mean) o.mean[c] = float(mean);
   if (o.var) o.var[c] = float(var);
   if (o.invstd) o.invstd[c] = float(invstd);
-  if (o.affine) {
-    o.affine[c] = float(mean);
-    o.affine[C + c] = float(param_at(o.weight, c, 1.0) * invstd);
-    o.affine[2 * C + c] = float(param_at(o.bias, c, 0.0));
+  if (o.affine) {  // K2 centres on the pivot, a value of x: x - pivot is exact near the mean
+    const double scale = param_at(o.weight, c, 1.0) * invstd;
+    o.affine[c] = pivot;
+    o.affine[C + c] = float(scale);
+    o.affine[2 * C + c] = float(param_at(o.bias, c, 0.0) - shifted * scale);
   }
   if (o.running_mean) {
     const double f =
@@ -51,9 +58,16 @@ __device__ void write_channel(const StatsOutputs& o, int64_t C, int64_t c, doubl
   }
 }
 
+// The first value of channel c (n = 0, s = 0): every block of the channel pivots on it.
+template <typename T>
+__device__ __forceinline__ float pivot_of(const View& x, int64_t c) {
+  return to_float(static_cast<const T*>(x.p)[c * x.sc]);
+}
+
 // Run by the last block of a group: channels c0 .. c0 + G - 1.
-__device__ void finalize(const Tiling& t, const Partials& p, const StatsOutputs& out, int64_t c0,
-                         int G) {
+template <typename T>
+__device__ void finalize(const View& x, const Tiling& t, const Partials& p,
+                         const StatsOutputs& out, int64_t c0, int G) {
   __shared__ double sn[kThreads], smean[kThreads], sm2[kThreads];
   const int tid = flat_tid();
   const int P = lanes_per_channel(G);
@@ -76,7 +90,8 @@ __device__ void finalize(const Tiling& t, const Partials& p, const StatsOutputs&
     }
     if (n > 0.0) {
       mean = pivot + s1 / n;
-      m2 = fmax(s2 - s1 * s1 / n, 0.0);
+      m2 = s2 - s1 * s1 / n;
+      if (m2 < 0.0) m2 = 0.0;  // (not fmax: a NaN must come through)
     }
   }
   sn[tid] = n;
@@ -84,7 +99,9 @@ __device__ void finalize(const Tiling& t, const Partials& p, const StatsOutputs&
   sm2[tid] = m2;
   __syncthreads();
   tree_moments<double>(sn, smean, sm2, tid, lane, P, 1);
-  if (g < G && lane == 0) write_channel(out, t.C, c0 + g, sn[tid], smean[tid], sm2[tid]);
+  if (g < G && lane == 0) {
+    write_channel(out, t.C, c0 + g, sn[tid], pivot_of<T>(x, c0 + g), smean[tid], sm2[tid]);
+  }
 }
 
 // Planar: block (c, k) reduces channel c over split k's rectangle; U vectors per chunk.
@@ -98,7 +115,8 @@ __global__ void __launch_bounds__(kThreads)
   const PlanarRange r = planar_range(t, k);
   const int64_t step = int64_t(blockDim.x) * V;
   const T* xc = static_cast<const T*>(x.p) + c * x.sc;
-  float n = 0.f, mean = 0.f, m2 = 0.f;
+  const float pivot = pivot_of<T>(x, c);
+  float n = 0.f, mean = 0.f, m2 = 0.f;  // of x - pivot
   for (int64_t i = r.n0 + threadIdx.y; i < r.n1; i += blockDim.y) {
     const T* row = xc + i * x.sn;
     for (int64_t s = r.s0 + int64_t(threadIdx.x) * V; s < r.s1; s += step * U) {
@@ -111,7 +129,10 @@ __global__ void __launch_bounds__(kThreads)
           load<T, V>(row + su * x.ss, v[u]);
           cnt += float(V);
 #pragma unroll
-          for (int j = 0; j < V; ++j) sum += v[u][j];
+          for (int j = 0; j < V; ++j) {
+            v[u][j] -= pivot;
+            sum += v[u][j];
+          }
         }
       }
       const float cm = sum / cnt;
@@ -136,7 +157,7 @@ __global__ void __launch_bounds__(kThreads)
     p.m2[k * t.C + c] = sm2[0];
   }
   if (!last_block_to_arrive(p.counters + c, gridDim.y)) return;
-  finalize(t, p, out, c, 1);
+  finalize<T>(x, t, p, out, c, 1);
 }
 
 // Rows: block (group, k) reduces bx*V adjacent channels over split k's rows; each thread holds
@@ -152,9 +173,12 @@ __global__ void __launch_bounds__(kThreads)
   const bool active = c < t.C;
   const int64_t m0 = k * t.mps, m1 = imin(t.N * t.S, m0 + t.mps);
   const T* xc = static_cast<const T*>(x.p) + (active ? c * x.sc : 0);
-  float n = 0.f, mean[V], m2[V];
+  float n = 0.f, mean[V], m2[V], pivot[V];  // moments of x - pivot
 #pragma unroll
-  for (int j = 0; j < V; ++j) mean[j] = m2[j] = 0.f;
+  for (int j = 0; j < V; ++j) {
+    mean[j] = m2[j] = 0.f;
+    pivot[j] = active ? pivot_of<T>(x, c + j) : 0.f;
+  }
   RowCursor cur(m0 + ty, by, t.S);
   for (int64_t m = m0 + ty; m < m1; m += int64_t(by) * U) {
     float v[U][V];
@@ -167,7 +191,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int j = 0; j < V; ++j) v[u][j] = 0.f;
       if (m + int64_t(u) * by < m1) {
         cnt += 1.f;
-        if (active) load<T, V>(xc + cur.offset(x), v[u]);
+        if (active) {
+          load<T, V>(xc + cur.offset(x), v[u]);
+#pragma unroll
+          for (int j = 0; j < V; ++j) v[u][j] -= pivot[j];
+        }
 #pragma unroll
         for (int j = 0; j < V; ++j) sum[j] += v[u][j];
       }
@@ -202,7 +230,7 @@ __global__ void __launch_bounds__(kThreads)
     __syncthreads();
   }
   if (!last_block_to_arrive(p.counters + blockIdx.x, gridDim.y)) return;
-  finalize(t, p, out, c0, int(imin(int64_t(bx) * V, t.C - c0)));
+  finalize<T>(x, t, p, out, c0, int(imin(int64_t(bx) * V, t.C - c0)));
 }
 
 template <typename T, int V>
