@@ -4,7 +4,13 @@ Importing fastpbn compiles nothing and does not import triton.
 """
 
 from ._backend import BackendUnavailable, set_backend
-from .modules import FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d, convert_model
+from .modules import (
+    FastPreciseBN1d,
+    FastPreciseBN2d,
+    FastPreciseBN3d,
+    convert_model,
+    revert_model,
+)
 from .ops import batch_norm, batch_stats
 from .precise import PopulationStats, recompute_bn_stats, update_bn_stats
 from .stats import WelfordState
@@ -22,6 +28,7 @@ __all__ = [
     "batch_stats",
     "convert_model",
     "recompute_bn_stats",
+    "revert_model",
     "set_backend",
     "update_bn_stats",
 ]

@@ -134,3 +134,22 @@ def convert_model(module: nn.Module) -> nn.Module:
         if new is not None:
             m.__class__ = new
     return module
+
+
+def revert_model(module: nn.Module) -> nn.Module:
+    """Undo :func:`convert_model`: every FastPreciseBN1d/2d/3d becomes the stock
+    ``nn.BatchNorm1d/2d/3d`` again, in place and keeping everything as ``convert_model`` does
+    (its statistics too, precise or not). For what expects stock layers by type -- conv-BN
+    fusion (``torch.ao.quantization.fuse_modules``), an exported or pickled model that must
+    load without fastpbn. A layer's ``accumulator`` attribute is dropped.
+
+    Returns:
+        ``module``.
+    """
+    stock = {new: old for old, new in _REPLACEMENTS.items()}
+    for m in module.modules():
+        old = stock.get(type(m))
+        if old is not None:
+            m.__class__ = old
+            m.__dict__.pop("accumulator", None)
+    return module

@@ -368,6 +368,25 @@ def test_convert_model():
     assert type(root) is FastPreciseBN2d and root.weight.dtype == torch.float64
 
 
+def test_revert_model_for_fusion_and_pickling():
+    """revert_model switches the layers back to stock in place: conv-BN fusion, which looks
+    layers up by exact type, accepts them, and a pickled model names no fastpbn class."""
+    torch.manual_seed(5)
+    stock = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU()).to(DEVICE)
+    stock(shifted(8, 3, 6, 6))  # running statistics worth keeping
+    model = fastpbn.convert_model(copy.deepcopy(stock)).eval()
+    model[1].accumulator = fastpbn.WelfordState(4, DEVICE)
+    bn = model[1]
+    assert fastpbn.revert_model(model) is model and model[1] is bn
+    assert type(bn) is nn.BatchNorm2d and "accumulator" not in bn.__dict__
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    assert b"fastpbn" not in buf.getvalue()
+    x = shifted(2, 3, 6, 6)
+    fused = torch.ao.quantization.fuse_modules(copy.deepcopy(model), [["0", "1"]])
+    torch.testing.assert_close(fused(x), stock.eval()(x), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_torchscript_runs_the_stock_kernel(momentum):
     """A converted model still scripts (as stock BatchNorm does); under TorchScript the layer
