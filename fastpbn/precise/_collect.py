@@ -69,13 +69,13 @@ def select_layers(model: nn.Module, layers: LayerSelection) -> list[tuple[str, n
         return [(n, m) for n, m in eligible if layers(n, m)]
     if isinstance(layers, (nn.Module, str)):
         layers = [layers]
-    by_name = dict(model.named_modules())
     resolved = []
     for i, m in enumerate(layers):
         if isinstance(m, str):
-            if m not in by_name:
-                raise ValueError(f"layers[{i}]: model has no layer named {m!r}")
-            m = by_name[m]
+            try:  # also a second name of a shared layer, which named_modules() lists once
+                m = model.get_submodule(m)
+            except AttributeError:
+                raise ValueError(f"layers[{i}]: model has no layer named {m!r}") from None
         resolved.append(m)
     layers = resolved
     names = {id(m): n for n, m in model.named_modules()}
