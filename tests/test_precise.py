@@ -975,9 +975,11 @@ def test_layers_by_name():
         assert list(by_name) == ["3"] and torch.equal(by_name["3"].var, by_module["3"].var)
     with pytest.raises(ValueError, match="no layer named 'bn'"):
         recompute_bn_stats(model, batches, layers="bn")
-    model.head_bn = model[3]  # a second name, which named_modules() does not list
-    aliased = recompute_bn_stats(model, batches, layers="head_bn", apply=False)
-    assert list(aliased) == ["3"] and torch.equal(aliased["3"].var, by_module["3"].var)
+    outer = nn.Module()
+    outer.net, outer.head_bn = model, model[3]  # a second name: named_modules() lists one
+    outer.forward = model.forward
+    aliased = recompute_bn_stats(outer, batches, layers="head_bn", apply=False)
+    assert list(aliased) == ["net.3"] and torch.equal(aliased["net.3"].var, by_module["3"].var)
 
 
 def test_compiled_model_statistics_are_keyed_by_the_original_names():
