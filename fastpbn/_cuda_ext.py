@@ -185,18 +185,6 @@ def _viewable(t: Tensor) -> Tensor:
     return t
 
 
-def _like(out: Optional[Tensor], x: Tensor, viewed: Tensor) -> Optional[Tensor]:
-    """``out`` (made like ``viewed``, x or its viewable copy) with the strides
-    ``torch.empty_like(x)`` has, which the ops' fake implementations promise (torch.compile
-    trusts them)."""
-    if out is None or viewed is x:
-        return out
-    want = torch.empty_like(x)
-    if want.stride() == out.stride():
-        return out
-    return want.copy_(out)
-
-
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
     return t if t is None or t.is_contiguous() else t.contiguous()
 
@@ -296,15 +284,15 @@ def backward(
         training: the forward used batch statistics (dx then flows through them).
         output_mask: which of (dx, dw, db) to compute.
     Returns:
-        (dx like ``torch.empty_like(x)``, dw, db in the weight's dtype, float32 without a
+        (dx laid out as ``output_like(x)``, dw, db in the weight's dtype, float32 without a
         weight); None where the mask is False.
     """
     ext = load()
-    given, x = x, _viewable(x)
+    dx = output_like(x) if output_mask[0] else None
+    x = _viewable(x)
     g = _viewable(grad_out if grad_out.dtype == x.dtype else grad_out.to(x.dtype))
     c = x.shape[1]
     pdtype = weight.dtype if weight is not None else torch.float32
-    dx = torch.empty_like(x) if output_mask[0] else None
     dw = x.new_empty(c, dtype=pdtype) if output_mask[1] else None
     db = x.new_empty(c, dtype=pdtype) if output_mask[2] else None
     if dx is None and dw is None and db is None:
@@ -314,7 +302,7 @@ def backward(
         g, x, _contig(weight), _contig(mean.float()), _contig(invstd.float()), bool(training),
         dx, dw, db, ws, counters,
     )
-    return _like(dx, given, x), dw, db
+    return dx, dw, db
 
 
 def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:

@@ -118,7 +118,7 @@ def _backward_impl(grad_out, x, weight, mean, invstd, training, output_mask, bac
 @batch_norm_backward.register_fake
 def _(grad_out, x, weight, mean, invstd, training, output_mask):
     return (
-        torch.empty_like(x) if output_mask[0] else x.new_empty(0),
+        output_like(x) if output_mask[0] else x.new_empty(0),
         _param_grad(x, weight) if output_mask[1] else x.new_empty(0),
         _param_grad(x, weight) if output_mask[2] else x.new_empty(0),
     )

@@ -82,7 +82,10 @@ CENTRED_MIN_NUMEL = 1 << 15
 
 
 def _empty(x: Tensor) -> Tensor:
-    """A size-0 tensor for the eval kernel's unused outputs (one per thread and dtype)."""
+    """A size-0 tensor on x's device for the eval kernel's unused outputs (on the CPU one per
+    thread and dtype)."""
+    if x.device.type != "cpu":
+        return x.new_empty(0)
     return _thread_buffer("empty", x.dtype, 0)
 
 
@@ -174,7 +177,7 @@ def batch_norm_train(
         d = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if weight is not None and weight.dtype != d.dtype:
         weight, bias = weight.to(d.dtype), None if bias is None else bias.to(d.dtype)
-    y = output_like(d)
+    y = output_like(x, d.dtype)  # x's layout: d may be a contiguous copy
     # the statistics with eps = 0: var from invstd = 1/sqrt(var + eps) would lose
     # ~2.4e-7 * eps/var relatively (2e-3 at std 1e-5 with eps 1e-5) ...
     torch.ops.aten.native_batch_norm.out(
@@ -349,6 +352,8 @@ def backward(
         if output_mask[2]:
             db = g.sum(dims)
     param_dtype = weight.dtype if weight is not None else torch.float32
+    if dx is not None and dx.stride() != (like := output_like(x)).stride():
+        dx = like.copy_(dx)  # the layout every backend gives (the fake promises it)
     return (
         dx if output_mask[0] else None,
         dw.to(param_dtype) if output_mask[1] and dw is not None else None,

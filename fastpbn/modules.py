@@ -70,7 +70,10 @@ def _fx_tracing(input):
     ``input`` is then a proxy)."""
     from torch.fx import _symbolic_trace
 
-    return getattr(_symbolic_trace, "is_fx_symbolic_tracing", _symbolic_trace.is_fx_tracing)()
+    if hasattr(_symbolic_trace, "is_fx_symbolic_tracing"):
+        return _symbolic_trace.is_fx_symbolic_tracing()
+    # older torch: the flag is also set by non-strict torch.export, which keeps fastpbn's ops
+    return _symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling()
 
 
 @torch.jit.unused

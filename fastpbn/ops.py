@@ -44,13 +44,17 @@ def _verify_batch_size(x: Tensor) -> None:
         )
 
 
-def _stock_only(x: Tensor) -> bool:
+def _stock_only(x: Tensor, *params: Optional[Tensor]) -> bool:
     """Where PyTorch's own kernel serves the call, with stock semantics: ``torch.jit.trace``,
-    ``torch.func`` transforms and forward-mode AD record or transform PyTorch's ops only (a
-    Python kernel behind an ``autograd.Function`` has no batching or forward-derivative
-    rule), and an empty input has nothing for fastpbn's kernels to do."""
-    return (x.numel() == 0 or torch.jit.is_tracing() or forward_ad._current_level >= 0
-            or torch._C._are_functorch_transforms_active())
+    ``torch.func`` transforms and forward-mode AD (a dual tensor among x and ``params``)
+    record or transform PyTorch's ops only (a Python kernel behind an ``autograd.Function``
+    has no batching or forward-derivative rule), and an empty input has nothing for
+    fastpbn's kernels to do."""
+    return (x.numel() == 0 or torch.jit.is_tracing()
+            or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0 and any(  # a dual level is open somewhere
+                t is not None and forward_ad.unpack_dual(t).tangent is not None
+                for t in (x, *params)))
 
 
 def _eager_backend(x: Tensor):
@@ -110,7 +114,7 @@ def batch_norm_train(
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)
     backend = _eager_backend(input)
-    if backend is not None and _stock_only(input):
+    if backend is not None and _stock_only(input, weight, bias):
         if accumulator is not None and input.numel():
             raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
                                "torch.jit.trace, torch.func transforms or forward-mode AD")
@@ -153,7 +157,7 @@ def batch_norm(
     )
     args = (input, weight, bias, running_mean, running_var, eps)
     backend = _eager_backend(input)
-    if backend is not None and (backend.name == "torch" or _stock_only(input)):
+    if backend is not None and (backend.name == "torch" or _stock_only(input, weight, bias)):
         return _torch_ops.forward_eval(*args)
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormEval.apply(*args, backend)

@@ -147,12 +147,12 @@ def backward(
         training: the forward used batch statistics (dx then flows through them).
         output_mask: which of (dx, dw, db) to compute.
     Returns:
-        (dx like ``torch.empty_like(x)``, dw, db in the weight's dtype (float32 without
+        (dx laid out as ``output_like(x)``, dw, db in the weight's dtype (float32 without
         weight)); None where the mask is False.
     """
     c = x.shape[1]
     pdtype = weight.dtype if weight is not None else _F32
-    dx = torch.empty_like(x) if output_mask[0] else None
+    dx = output_like(x) if output_mask[0] else None
     dw = x.new_empty(c, dtype=pdtype) if output_mask[1] else None
     db = x.new_empty(c, dtype=pdtype) if output_mask[2] else None
     if x.numel() == 0:

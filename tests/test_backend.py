@@ -86,3 +86,18 @@ def test_triton_installation_is_looked_up_once(monkeypatch):
         assert calls.count("triton") == 1
     finally:
         _backend._triton_installed.cache_clear()
+
+
+def test_torch_backend_keeps_every_tensor_on_a_non_cpu_device():
+    """The torch backend's path for other devices (CUDA, MPS; here the meta device stands in):
+    every tensor it passes to PyTorch's kernels, unused outputs included, is on x's device."""
+    from fastpbn import _torch_ops
+
+    x = torch.empty(4, 3, 5, 5, device="meta")
+    w, b, rm, rv = (torch.empty(3, device="meta") for _ in range(4))
+    acc = tuple(torch.empty(3, dtype=torch.float64, device="meta") for _ in range(3))
+    y, mean, invstd = _torch_ops.forward_train(x, w, b, rm, rv, None, 0.1, 1e-5, acc)
+    assert y.device.type == mean.device.type == "meta" and y.shape == x.shape
+    dx, dw, db = _torch_ops.backward(torch.empty_like(y), x, w, mean, invstd, False,
+                                     (True, True, True))
+    assert dx.device.type == "meta" and dx.shape == x.shape

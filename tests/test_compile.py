@@ -122,3 +122,73 @@ def test_compile_centred_path_and_accumulator(compiler):
         close(bc, be, f"buffer {name}")
     for f in ("count", "mean", "m2"):
         close(getattr(model[4].accumulator, f), getattr(eager[4].accumulator, f), f)
+
+
+def _odd_layouts():
+    """Inputs whose own strides differ from the layout PyTorch's kernels give y: a transposed
+    (N, L, C) sequence, a sliced channels_last view, a dense NCHW permutation."""
+    return {
+        "transposed NCL": torch.randn(4, 9, 8, device=DEVICE).transpose(1, 2),
+        "sliced channels_last": torch.randn(4, 8, 5, 7, device=DEVICE).to(
+            memory_format=torch.channels_last)[..., :6],
+        "permuted NCHW": torch.randn(4, 5, 8, 6, device=DEVICE).permute(0, 2, 1, 3),
+    }
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_custom_ops_fake_strides_match_every_layout(backend, training):
+    """torch.compile trusts the fake implementations' strides: the real ops (every backend,
+    forward and backward) must return exactly those, for any input layout."""
+    from fastpbn import _function
+
+    for name, x in _odd_layouts().items():
+        c = x.shape[1]
+        w, b = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
+        rm, rv = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
+        if training:
+            args = (x, w, b, rm, rv, None, 0.1, 1e-5, None, None, None)
+            torch.library.opcheck(_function.batch_norm_train, args,
+                                  test_utils=("test_schema", "test_faketensor"))
+            _, mean, invstd = _function.batch_norm_train(*args)
+        else:
+            torch.library.opcheck(_function.batch_norm_eval, (x, w, b, rm, rv, 1e-5),
+                                  test_utils=("test_schema", "test_faketensor"))
+            mean, invstd = rm, rv.rsqrt()
+        bwd = (torch.randn_like(x), x, w, mean, invstd, training, [True, True, True])
+        torch.library.opcheck(_function.batch_norm_backward, bwd,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
+def test_compiled_backward_on_a_transposed_sequence():
+    """BatchNorm1d on a transposed (N, L, C) sequence, compiled with inductor through the
+    backward: the graph's stride assertions hold (they failed on the fakes' strides)."""
+    torch._dynamo.reset()
+    x0 = torch.randn(4, 9, 8, device=DEVICE)
+    w = (torch.rand(8, device=DEVICE) + 0.5).requires_grad_()
+
+    def f(x):
+        y = fastpbn.batch_norm(x, None, None, w, None, training=True)
+        return (y * torch.arange(9.0, device=DEVICE)).sum()
+
+    grads = []
+    for fn in (f, torch.compile(f, fullgraph=True, backend="inductor")):
+        x = x0.clone().requires_grad_()
+        fn(x.transpose(1, 2)).backward()
+        grads.append((x.grad, w.grad.clone()))
+        w.grad = None
+    for a, b in zip(*grads):
+        close(b, a, "compiled gradient")
+
+
+@pytest.mark.parametrize("old_torch", [False, True])
+def test_export_keeps_fastpbn_ops(monkeypatch, old_torch):
+    """torch.export (non-strict) records fastpbn's custom op, also where torch (< 2.9) has no
+    is_fx_symbolic_tracing and is_fx_tracing is set by export as well as by FX."""
+    import torch.fx._symbolic_trace as symbolic_trace
+
+    if old_torch:
+        monkeypatch.delattr(symbolic_trace, "is_fx_symbolic_tracing", raising=False)
+    model = fastpbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).to(DEVICE)
+    program = torch.export.export(model, (torch.randn(2, 3, 5, 5, device=DEVICE),), strict=False)
+    ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "fastpbn.batch_norm_train.default" in ops, ops

@@ -502,12 +502,28 @@ def test_empty_batch_and_output_layout(backend):
         assert m(torch.randn(0, 3, 4, 4, device=DEVICE)).shape == (0, 3, 4, 4)
     torch.testing.assert_close(ours.running_mean, stock.running_mean)
     assert ours.num_batches_tracked.item() == stock.num_batches_tracked.item()
-    for x in (shifted(2, 4, 5, 3).permute(0, 3, 2, 1), shifted(2, 5, 4, 3).permute(0, 3, 1, 2)):
+    sliced_last = shifted(2, 3, 4, 6, channels_last=True)[..., :5]
+    for x in (shifted(2, 4, 5, 3).permute(0, 3, 2, 1), shifted(2, 5, 4, 3).permute(0, 3, 1, 2),
+              sliced_last):
         for train in (True, False):
             stock.train(train), ours.train(train)
             ys, yo = stock(x), ours(x)
             assert yo.stride() == ys.stride(), (x.stride(), train)
             torch.testing.assert_close(yo, ys, rtol=1e-4, atol=1e-4)
+
+
+def test_forward_ad_elsewhere_leaves_other_layers_on_fastpbn():
+    """An open dual level routes only calls that carry dual tensors to PyTorch's kernel: a
+    layer with an accumulator still accumulates a plain input meanwhile."""
+    layer = FastPreciseBN2d(3).to(DEVICE)
+    layer.accumulator = fastpbn.WelfordState(3, DEVICE)
+    x = shifted(4, 3, 5, 5)
+    with torch.autograd.forward_ad.dual_level():
+        layer(x)
+        dual = torch.autograd.forward_ad.make_dual(x, torch.ones_like(x))
+        with pytest.raises(RuntimeError, match="accumulator"):
+            layer(dual)
+    assert (layer.accumulator.count == 4 * 25).all()
 
 
 def test_a_failed_call_takes_back_its_counter_increment(backend):
