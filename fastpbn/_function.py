@@ -52,6 +52,9 @@ def batch_norm_train(
 
 def _train_impl(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 acc_count, acc_mean, acc_m2, backend=None):
+    if x.numel() == 0:  # as torch.batch_norm: an empty output, no statistic touched
+        stats = x.new_zeros(x.shape[1], dtype=stats_dtype(x))
+        return output_like(x), stats, stats.clone()
     acc = (acc_count, acc_mean, acc_m2) if acc_count is not None else None
     return (backend or get_backend(x)).forward_train(
         x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps, acc
@@ -111,6 +114,10 @@ def batch_norm_backward(
 
 
 def _backward_impl(grad_out, x, weight, mean, invstd, training, output_mask, backend=None):
+    if x.numel() == 0:  # zero gradients (PyTorch's CPU backward kernel crashes on it)
+        zero = _param_grad(x, weight).zero_()
+        return (output_like(x) if output_mask[0] else None,
+                zero if output_mask[1] else None, zero.clone() if output_mask[2] else None)
     return (backend or get_backend(x)).backward(grad_out, x, weight, mean, invstd, training,
                                                 tuple(output_mask))
 

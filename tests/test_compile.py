@@ -192,3 +192,18 @@ def test_export_keeps_fastpbn_ops(monkeypatch, old_torch):
     program = torch.export.export(model, (torch.randn(2, 3, 5, 5, device=DEVICE),), strict=False)
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
     assert "fastpbn.batch_norm_train.default" in ops, ops
+
+
+def test_compiled_empty_batch(backend):
+    """An empty batch through a compiled layer, forward and backward: an empty output and
+    gradients, the running statistics untouched (as stock eager; the custom ops used to
+    reach kernels that refuse, or crash on, empty tensors)."""
+    torch._dynamo.reset()
+    layer = FastPreciseBN2d(3).to(DEVICE)
+    compiled = torch.compile(layer, backend="aot_eager", fullgraph=True)
+    x = torch.randn(0, 3, 4, 4, device=DEVICE, requires_grad=True)
+    y = compiled(x)
+    y.sum().backward()
+    assert y.shape == x.shape and x.grad.shape == x.shape
+    assert (layer.running_mean == 0).all() and (layer.running_var == 1).all()
+    assert (layer.weight.grad == 0).all() and (layer.bias.grad == 0).all()
