@@ -344,6 +344,20 @@ def test_stop_early_runs_inputs_of_another_structure_to_the_end(stop_early):
     assert_close_to_truth(stats, truth)
 
 
+def test_input_signature_sees_structure_shapes_and_scalars():
+    """What decides whether a forward may be cut early (stop_early) or replay a CUDA graph."""
+    import numpy as np
+
+    from fastpbn.precise._forward import _signature
+
+    def item(n=2, rows=3, crops=1):
+        return {"x": [torch.zeros(4, 3)] * crops, "a": np.zeros((rows, 2)), "n": n}
+
+    assert _signature(item()) == _signature(item())
+    for other in (item(n=3), item(rows=4), item(crops=2), [item()]):
+        assert _signature(other) != _signature(item())
+
+
 class _Energy(nn.Module):
     """A forward that differentiates inside (forces = -dE/dx of an energy model)."""
 

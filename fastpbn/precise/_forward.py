@@ -91,14 +91,16 @@ class Forward:
 
 def _signature(x: Any) -> tuple:
     """The structure of a model input: containers and their lengths or keys, each tensor's
-    shape, dtype, device and strides, and the other leaves' values (an int may steer the
-    forward) or, when unhashable, their types."""
+    shape, dtype, device and strides, an array's shape and dtype, and the other leaves' values
+    (an int may steer the forward) or, when unhashable, their types."""
     if isinstance(x, torch.Tensor):
         return (x.shape, x.dtype, x.device, x.stride())
     if isinstance(x, (tuple, list)):
         return (type(x), *map(_signature, x))
     if isinstance(x, Mapping):
         return (type(x), *((k, _signature(v)) for k, v in x.items()))
+    if hasattr(x, "shape") and hasattr(x, "dtype"):  # a numpy array, say
+        return (type(x), tuple(x.shape), str(x.dtype))
     try:
         hash(x)
     except TypeError:
