@@ -32,7 +32,9 @@ class _FastPreciseBNMixin:
     accumulator: Optional[WelfordState] = None
 
     def forward(self, input: Tensor) -> Tensor:
-        fx = not torch.jit.is_scripting() and _fx_tracing(input)
+        fx = False
+        if not torch.jit.is_scripting():  # (TorchScript does not compile this block)
+            fx = _fx_tracing(self, input)
         if not fx:  # FX proxies carry no shape to check
             self._check_input_dim(input)
         momentum: Optional[float] = self.momentum
@@ -64,16 +66,18 @@ class _FastPreciseBNMixin:
 
 
 @torch.jit.unused
-def _fx_tracing(input):
-    # type: (Tensor) -> bool
+def _fx_tracing(layer: nn.Module, input: Tensor) -> bool:
     """``torch.fx.symbolic_trace`` is tracing (it traces into modules outside ``torch.nn``;
-    ``input`` is then a proxy)."""
+    ``input`` is then a proxy). An FX graph cannot carry an accumulator: refused."""
     from torch.fx import _symbolic_trace
 
     if hasattr(_symbolic_trace, "is_fx_symbolic_tracing"):
-        return _symbolic_trace.is_fx_symbolic_tracing()
-    # older torch: the flag is also set by non-strict torch.export, which keeps fastpbn's ops
-    return _symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling()
+        tracing = _symbolic_trace.is_fx_symbolic_tracing()
+    else:  # older torch: non-strict torch.export sets this flag too (it keeps our ops)
+        tracing = _symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling()
+    if tracing and getattr(layer, "accumulator", None) is not None:
+        raise RuntimeError("accumulator: torch.fx cannot trace fastpbn's statistics kernels")
+    return tracing
 
 
 @torch.jit.unused

@@ -447,6 +447,9 @@ def test_traced_graphs_record_the_stock_kernel(backend, tracer):
     if tracer == "fx":
         with pytest.raises(RuntimeError, match="momentum=None"):
             torch.fx.symbolic_trace(FastPreciseBN2d(8, momentum=None))
+        ours[1].accumulator = fastpbn.WelfordState(8, DEVICE)
+        with pytest.raises(RuntimeError, match="accumulator"):
+            torch.fx.symbolic_trace(ours)
 
 
 def test_torch_func_transforms_and_forward_ad(backend):
