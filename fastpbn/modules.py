@@ -1,14 +1,16 @@
 """``FastPreciseBN1d/2d/3d``: drop-in replacements for ``nn.BatchNorm1d/2d/3d``.
 
 Same constructor, state_dict keys and behaviour in every mode; the arithmetic runs on fastpbn's
-backends. Two differences a user can rely on:
+backends. Three differences a user can rely on:
 
 * with ``momentum=None`` the cumulative factor ``1/num_batches_tracked`` is read on the device
   by the Triton and CUDA backends (stock BatchNorm, and the torch backend, read it on the
   host: a synchronization per step on a GPU);
 * ``layer.accumulator`` may hold a :class:`fastpbn.WelfordState`; while it does, every training
   forward also merges its batch statistics into it, inside the statistics kernel. This is how
-  precise statistics are gathered without a second pass over the activations.
+  precise statistics are gathered without a second pass over the activations;
+* a call that raises (a wrong channel count, a backend that refuses the input) takes back its
+  ``num_batches_tracked`` increment; stock BatchNorm keeps it.
 
 Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.fx.symbolic_trace``,
 ``torch.func`` transforms and forward-mode AD the layers run PyTorch's own kernel, with stock
@@ -30,6 +32,13 @@ from .stats import WelfordState
 
 class _FastPreciseBNMixin:
     accumulator: Optional[WelfordState] = None
+    __jit_ignored_attributes__ = ["accumulator"]  # TorchScript cannot type a WelfordState
+
+    def __prepare_scriptable__(self):
+        if self.accumulator is not None:
+            raise RuntimeError("accumulator: a layer that accumulates cannot be scripted "
+                               "(TorchScript runs PyTorch's kernel); set it to None first")
+        return self
 
     def forward(self, input: Tensor) -> Tensor:
         fx = False

@@ -146,6 +146,8 @@ def batch_norm(
         The normalized tensor, differentiable with respect to input, weight and bias.
     """
     if training:
+        if momentum is None:  # as F.batch_norm (batch_norm_train reads None as cumulative)
+            raise TypeError("batch_norm(): momentum must be a float, not None")
         return batch_norm_train(input, running_mean, running_var, weight, bias, momentum, eps)
     _check_input(input)
     if eps < 0.0:

@@ -316,6 +316,8 @@ def test_functional_batch_norm_matches_torch(backend):
             fn(x, None, None, training=False)
         no_channels = fn(torch.randn(4, 0, 3, device=DEVICE), None, None, training=True)
         assert no_channels.shape == (4, 0, 3)
+        with pytest.raises(TypeError, match="momentum"):
+            fn(x, None, None, training=True, momentum=None)
 
 
 def test_batch_stats_against_reference(backend):
@@ -400,6 +402,12 @@ def test_torchscript_runs_the_stock_kernel(momentum):
         torch.testing.assert_close(scripted(x), stock(x))
     for name, buf in stock.named_buffers():
         torch.testing.assert_close(getattr(scripted[1], name.split(".")[1]), buf)
+    layer = FastPreciseBN2d(4)
+    layer.accumulator = None  # an instance attribute TorchScript cannot type: ignored
+    torch.jit.script(layer)
+    layer.accumulator = fastpbn.WelfordState(4)
+    with pytest.raises(RuntimeError, match="accumulator"):
+        torch.jit.script(layer)
 
 
 def test_convert_model_keeps_shared_layers_and_hooks():

@@ -618,11 +618,14 @@ def test_empty_data_no_bn_never_ran_and_bad_arguments():
         recompute_bn_stats(unused, [shifted(40, 2)])
     for kw, match in [(dict(estimator="ema"), "estimator"), (dict(batch_size=1), "batch_size"),
                       (dict(num_samples=0), "num_samples"), (dict(tol=-1.0), "tol"),
-                      (dict(layers=[nn.ReLU()]), "layers"), (dict(cuda_graph=True), "cuda")]:
+                      (dict(layers=[nn.ReLU()]), "layers"), (dict(cuda_graph=True), "cuda"),
+                      (dict(device="gpu0"), "device='gpu0'")]:
         with pytest.raises(ValueError, match=match):
             recompute_bn_stats(model, [shifted(4, 1, 8, 8)], **kw)
     with pytest.raises(TypeError, match="model"):
         recompute_bn_stats(lambda x: x, [])
+    with pytest.raises(TypeError, match="layers must be"):
+        recompute_bn_stats(model, [shifted(4, 1, 8, 8)], layers=3)
     assert_unchanged(model, snap)
 
 

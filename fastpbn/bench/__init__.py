@@ -1,10 +1,12 @@
 """``python -m fastpbn bench [--quick | --tiny] [--out DIR]``: fastpbn against stock PyTorch
-BatchNorm, ``torch.compile`` and the precise-BN peers (BENCH.md is the protocol).
+BatchNorm, ``torch.compile`` and the precise-BN peers (method, shapes and roofline:
+``bench/NOTES.md``).
 
 Writes ``results.json`` (device stamp + one record per measurement), ``results.md`` and PNG plots
-to ``--out`` (default ``bench/results/<device-slug>/``). Presets: ``full`` (the BENCH.md shape
-set; the default on a GPU, budgeted to finish within 10 minutes on an H100), ``quick`` (a few
-small shapes; the default on CPU, under 2 minutes) and ``tiny`` (seconds; the test suite's).
+to ``--out`` (default ``bench/results/<device-slug>/``). Presets: ``full`` (the benchmark
+shape set: the default on a GPU, budgeted to finish within 10 minutes on an H100), ``quick``
+(a few small shapes; the default on CPU, under 2 minutes) and ``tiny`` (seconds; the test
+suite's).
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _parser() -> argparse.ArgumentParser:
     size.add_argument("--quick", action="store_true", help="a few small shapes (CPU friendly)")
     size.add_argument("--tiny", action="store_true", help="seconds-long smoke run (tests)")
     size.add_argument("--full", action="store_true",
-                      help="the BENCH.md set (the default on CUDA; hours on a CPU)")
+                      help="the full shape set (the default on CUDA; hours on a CPU)")
     p.add_argument("--out", help="output directory (default bench/results/<device-slug>/)")
     p.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     p.add_argument("--only", choices=("kernels", "recompute"), help="run one half only")
@@ -64,7 +66,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="stop starting new kernel cases after this many s (recompute always runs)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--roofline", action="store_true",
-                   help="print the MB each pass moves per BENCH.md shape, and exit")
+                   help="print the MB each pass moves per shape of the full set, and exit")
     return p
 
 

@@ -213,7 +213,7 @@ def _plot_roofline(plt, bn, copy_gbps: Optional[float], stamp, out_dir) -> str:
                    label=f"copy bandwidth, measured ({copy_gbps:.0f} GB/s)")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("bytes moved per pass (MB, DESIGN.md traffic model)")
+    ax.set_xlabel("bytes moved per pass (MB, traffic model in bench/NOTES.md)")
     ax.set_ylabel("effective GB/s")
     ax.set_title(f"Bandwidth vs roofline — {stamp}", fontsize=9)
     ax.legend(fontsize=7)

@@ -69,6 +69,11 @@ def select_layers(model: nn.Module, layers: LayerSelection) -> list[tuple[str, n
         return [(n, m) for n, m in eligible if layers(n, m)]
     if isinstance(layers, (nn.Module, str)):
         layers = [layers]
+    try:
+        layers = list(layers)
+    except TypeError:
+        raise TypeError("layers must be a BN module, a name, a list of them or "
+                        f"fn(name, module) -> bool, got {type(layers).__name__}") from None
     resolved = []
     for i, m in enumerate(layers):
         if isinstance(m, str):

@@ -58,7 +58,8 @@ def recompute_bn_stats(
     is in eval mode (no dropout; BN layers left out of ``layers`` normalize with, and keep,
     their running statistics). The default selects every BN layer, also those a model keeps
     in eval mode (frozen, e.g. by a ``train()`` override): leave them out with ``layers=``,
-    e.g. ``layers=lambda name, m: m.training``. Afterwards
+    e.g. ``layers=lambda name, m: m.training`` called on the model in train mode (the
+    selection happens before the pass sets any mode). Afterwards
     every ``training`` flag, momentum, buffer and hook is as before -- also when the pass
     raises or is interrupted, in which case nothing is written. No host synchronization
     happens per batch (only every ``tol_every`` batches with ``tol``).
@@ -105,7 +106,8 @@ def recompute_bn_stats(
             first batch) once every selected layer has made its calls, by raising through the
             model's forward: whatever follows that layer does not run (so nor do side effects
             the forward has after it). Only inputs with the first one's structure (containers,
-            tensor shapes, dtypes, other leaves' values) are cut; others run to the end. It
+            tensor shapes, dtypes, strides and devices, array shapes, other leaves' values)
+            are cut; others run to the end. It
             assumes such inputs call each selected layer equally often (no value-dependent
             branching). None (default): on when ``layers`` selects only some
             of the model's BN layers (where it saves real time: 34 % with a ResNet-50's stem
@@ -120,10 +122,12 @@ def recompute_bn_stats(
         The :class:`PopulationStats` (also applied to the model unless ``apply=False``).
     Raises:
         TypeError: a model that is not an ``nn.Module``, data that is not iterable, a
-            ``input_fn``/``forward_fn`` that is not callable, a data item that is no model
-            input.
-        ValueError: bad arguments, empty data, data too short for ``num_samples``/
-            ``num_batches``, non-finite statistics (naming the layers).
+            ``input_fn``/``forward_fn`` that is not callable, ``layers`` of another kind, a
+            data item that is no model input.
+        ValueError: bad arguments (a ``device`` that is none), empty data, a data item with
+            nothing in it to feed (an empty tuple, a dict without an input key), data too
+            short for ``num_samples``/``num_batches``, non-finite statistics (naming the
+            layers).
         RuntimeError: a selected layer never ran.
     """
     num_samples, num_batches, batch_size, tol_every = _check_args(
@@ -336,7 +340,10 @@ def _resolve_device(device, selected) -> Optional[torch.device]:
         raise ValueError(f"BN layer(s) {meta} are on the meta device (no data): move the model "
                          "to a real device first")
     if device is not None:
-        return torch.device(device)
+        try:
+            return torch.device(device)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"device={device!r} is not a device: {e}") from None
     devices = {m.running_mean.device for _, m in selected}
     return devices.pop() if len(devices) == 1 else None
 
