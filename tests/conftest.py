@@ -6,8 +6,8 @@ import os
 import torch
 
 HAS_CUDA = torch.cuda.is_available()
-if not HAS_CUDA:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+if not HAS_CUDA:  # forced: an inherited TRITON_INTERPRET=0 would break the Triton tests
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import importlib.util  # noqa: E402
 
@@ -16,7 +16,9 @@ import pytest  # noqa: E402
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # every backend that can run here: torch always, triton through its interpreter on CPU
-BACKENDS = ["torch"] + (["triton"] if HAS_TRITON else [])
+# "torch-own": the torch backend with its hand-off of small eager training calls to
+# torch.batch_norm switched off, so fastpbn's autograd Function and backward serve them too
+BACKENDS = ["torch", "torch-own"] + (["triton"] if HAS_TRITON else [])
 
 
 def pytest_collection_modifyitems(config, items):
@@ -35,9 +37,12 @@ def _clear_backend_override():
 
 
 @pytest.fixture(params=BACKENDS)
-def backend(request):
+def backend(request, monkeypatch):
     """Run the test once per backend, forced with fastpbn.set_backend."""
     import fastpbn
+    from fastpbn import _torch_ops
 
-    fastpbn.set_backend(request.param)
+    if request.param == "torch-own":
+        monkeypatch.setattr(_torch_ops, "native_train", lambda x: False)
+    fastpbn.set_backend(request.param.split("-")[0])
     return request.param

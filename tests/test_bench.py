@@ -157,7 +157,9 @@ def test_cli_quick_end_to_end(tmp_path):
     """The preset a user runs on a CPU-only machine, whole (about a minute on one thread)."""
     out = tmp_path / "quick"
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
-    rc = main(["--quick", "--threads", "1", "--out", str(out), "--no-progress"])
+    # no time budget: a slow machine must not skip cases, which the assertions below forbid
+    rc = main(["--quick", "--threads", "1", "--out", str(out), "--no-progress",
+               "--budget", "1e9"])
     # the caller's thread setting and random state are restored
     assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
     result = json.loads((out / "results.json").read_text())

@@ -64,7 +64,15 @@ def run_and_compare(backend_name: str, compiler: str, channels_last: bool) -> No
         eager.zero_grad(), compiled_model.zero_grad()
     eager.eval(), compiled_model.eval()
     x = torch.randn(4, 3, 8, 8, device=DEVICE) * 2 + 50
-    close(compiled(x), eager(x), "eval output")
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager(xe), compiled(xc)
+    close(yc, ye, "eval output")
+    g = torch.randn_like(ye)
+    (ye * g).sum().backward()
+    (yc * g).sum().backward()  # the eval backward op (running statistics)
+    close(xc.grad, xe.grad, "eval input grad")
+    for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
+        close(pc.grad, pe.grad, f"eval grad of {name}")
     assert int(compiled_model[4].num_batches_tracked) == 2
 
 
@@ -84,8 +92,9 @@ def test_compile_triton_backend_interpreted(monkeypatch):
         fn = getattr(kernels, op)
         monkeypatch.setattr(kernels, op, lambda *a, _fn=fn, _op=op: calls.append(_op) or _fn(*a))
     run_and_compare("triton", "inductor", channels_last=True)
-    # 3 BN layers x 2 steps in each of eager and compiled, then one eval call each
-    assert calls.count("forward_train") == 12 and calls.count("backward") == 12
+    # 3 BN layers x 2 steps in each of eager and compiled, then one eval step each
+    assert calls.count("forward_train") == 12 and calls.count("backward") == 12 + 6
+    assert calls.count("forward_eval") == 6
     assert calls.count("forward_eval") == 6
 
 

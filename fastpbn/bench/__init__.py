@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int,
                    help="CPU threads for torch (default: torch's); 1 is steadier on a busy host")
     p.add_argument("--budget", type=float,
-                   help="stop starting new kernel cases after this many s (recompute always runs)")
+                   help="stop starting new kernel cases after this many s, a quarter of it (or "
+                        "the preset's share) for torch.compile baselines; recompute always runs")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.add_argument("--roofline", action="store_true",
                    help="print the MB each pass moves per shape of the full set, and exit")
@@ -103,7 +104,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as e:
         raise SystemExit(f"--out {out_dir}: {e.strerror or e}") from None
-    budget = args.budget if args.budget is not None else cfg["budget_s"]
+    budget = cfg["budget_s"]
+    if args.budget is not None:  # also the torch.compile baselines' share
+        budget = args.budget
+        cfg = dict(cfg, compile_budget_s=min(args.budget, max(cfg["compile_budget_s"],
+                                                               args.budget / 4)))
     threads = torch.get_num_threads()
     gpus = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else []
