@@ -2,6 +2,7 @@
 source tree whatever pyproject.toml lists; a wheel holds only what it lists)."""
 
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -47,7 +48,8 @@ def test_wheel_imports_whole(tmp_path):
          "-w", str(tmp_path), str(tree)],
         capture_output=True, text=True, timeout=300,
     )
-    if out.returncode != 0 and "No module named" in out.stderr:
+    # only a missing build tool (setuptools, wheel) skips; fastpbn's own errors fail
+    if out.returncode != 0 and re.search(r"No module named '(setuptools|wheel)", out.stderr):
         pytest.skip(f"cannot build a wheel here: {out.stderr[-300:]}")
     assert out.returncode == 0, out.stderr[-3000:]
     wheel = next(tmp_path.glob("fastpbn-*.whl"))
