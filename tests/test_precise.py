@@ -13,6 +13,7 @@ from fastpbn import FastPreciseBN2d, WelfordState, convert_model
 from fastpbn.models import SmallCNN, small_resnet
 from fastpbn.precise import PopulationStats, recompute_bn_stats, update_bn_stats
 from fastpbn.precise._collect import has_running_stats
+from fastpbn.reference import batch_stats_reference
 
 
 def shifted(*shape, mean=40.0, std=3.0):
@@ -46,12 +47,14 @@ def ground_truth(model, batches, names=None, forward=None):
             (forward or (lambda mm, x: mm(x)))(m, b)
     out = {}
     for n, xs in seen.items():
-        flat = [x.transpose(0, 1).reshape(x.shape[1], -1) for x in xs]
-        allv = torch.cat(flat, 1)
+        # fastpbn.reference's statistics of the pooled values and of each call: (1, C, values)
+        flat = [x.transpose(0, 1).reshape(1, x.shape[1], -1) for x in xs]
+        mean, var, count = batch_stats_reference(torch.cat(flat, 2))
+        calls = [batch_stats_reference(f) for f in flat]
         out[n] = dict(
-            mean=allv.mean(1), var=allv.var(1), count=allv.shape[1],
-            bmean=torch.stack([f.mean(1) for f in flat]).mean(0),
-            bvar=torch.stack([f.var(1) for f in flat]).mean(0),
+            mean=mean, var=var * count / (count - 1), count=count,
+            bmean=torch.stack([m for m, _, _ in calls]).mean(0),
+            bvar=torch.stack([v * k / (k - 1) for _, v, k in calls]).mean(0),
         )
     return out
 
