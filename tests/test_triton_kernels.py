@@ -27,7 +27,10 @@ from fastpbn.kernels.stats import k1_stats  # noqa: E402
 from fastpbn import kernels as K  # noqa: E402
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+# relative error floors: outputs in x's dtype, and "stats" (float32 statistics of values exact
+# in float32, any x dtype; above float32's 1e-6 because the interpreter sums a tile's rows one
+# by one, measured up to 1.1e-6 on long channels_last tiles, where a GPU sums in a tree)
+FLOOR = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3, "stats": 4e-6}
 NAN = float("nan")
 
 
@@ -136,10 +139,10 @@ def test_forward_train(name, dtype):
         assert y.dtype == dtype and y.stride() == _scratch.output_like(x).stride()
         assert mean.dtype == invstd.dtype == torch.float32
         check("y", y, ys, yr, dtype)
-        check("save_mean", mean, means, meanr, dtype)
-        check("save_invstd", invstd, invstds, invstdr, dtype)
-        check("running_mean", rm_o, rm_s, rmr, dtype)
-        check("running_var", rv_o, rv_s, rvr, dtype)
+        check("save_mean", mean, means, meanr, "stats")
+        check("save_invstd", invstd, invstds, invstdr, "stats")
+        check("running_mean", rm_o, rm_s, rmr, "stats")
+        check("running_var", rv_o, rv_s, rvr, "stats")
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -270,10 +273,11 @@ def test_batch_stats(name, dtype):
     x = make_x(name, dtype)
     mean, var, n = K.batch_stats(x)
     rmean, rvar, rn = batch_stats_reference(x)
-    svar, smean = torch.var_mean(x, [0, *range(2, x.dim())], correction=0)
+    # stock in float32 (on fp16 / bf16 x it would return, and round to, x's dtype)
+    svar, smean = torch.var_mean(x.float(), [0, *range(2, x.dim())], correction=0)
     assert n == rn and mean.dtype == var.dtype == torch.float32
-    check("mean", mean, smean, rmean, dtype)
-    check("var", var, svar, rvar, dtype)
+    check("mean", mean, smean, rmean, "stats")
+    check("var", var, svar, rvar, "stats")
 
 
 def test_batch_stats_precision_far_from_zero():
