@@ -84,6 +84,8 @@ def batch_norm_eval(
 
 
 def _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=None):
+    if x.numel() == 0:
+        return output_like(x)
     return (backend or get_backend(x)).forward_eval(x, weight, bias, running_mean, running_var,
                                                    eps)
 

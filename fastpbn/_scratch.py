@@ -29,22 +29,25 @@ import threading
 import torch
 from torch import Tensor
 
-def output_like(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+
+def output_like(x: Tensor, dtype: torch.dtype | None = None, device=None) -> Tensor:
     """An uninitialised tensor shaped like ``x`` in the layout PyTorch's batch-norm kernels give
     their output, x's ``suggest_memory_format``: channels_last / channels_last_3d when x's
     strides are ordered so (a sliced channels_last view too), else contiguous -- not x's own
     strides when x is another dense permutation (a transposed (N, L, C) input of
-    BatchNorm1d, say). Every backend's y and dx, and the ops' fake implementations."""
+    BatchNorm1d, say). Every backend's y and dx, and the ops' fake implementations.
+    ``device="meta"`` gives the layout alone, allocating nothing."""
     if x.is_contiguous():
-        return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
+        return torch.empty_like(x, dtype=dtype, device=device,
+                                memory_format=torch.contiguous_format)
     if not _dense(x):  # empty_like then follows suggest_memory_format itself
-        return torch.empty_like(x, dtype=dtype)
+        return torch.empty_like(x, dtype=dtype, device=device)
     fmt = torch.contiguous_format
     if x.dim() in (4, 5):
         last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
         if x.is_contiguous(memory_format=last):
             fmt = last
-    return torch.empty_like(x, dtype=dtype, memory_format=fmt)
+    return torch.empty_like(x, dtype=dtype, device=device, memory_format=fmt)
 
 
 def _dense(x: Tensor) -> bool:

@@ -352,8 +352,8 @@ def backward(
         if output_mask[2]:
             db = g.sum(dims)
     param_dtype = weight.dtype if weight is not None else torch.float32
-    if dx is not None and dx.stride() != (like := output_like(x)).stride():
-        dx = like.copy_(dx)  # the layout every backend gives (the fake promises it)
+    if dx is not None and dx.stride() != output_like(x, device="meta").stride():
+        dx = output_like(x).copy_(dx)  # the layout every backend gives (the fake promises it)
     return (
         dx if output_mask[0] else None,
         dw.to(param_dtype) if output_mask[1] and dw is not None else None,

@@ -25,9 +25,13 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import _symbolic_trace
 
 from . import ops
 from .stats import WelfordState
+
+# looked up once: _fx_tracing runs on every forward
+_is_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)
 
 
 class _FastPreciseBNMixin:
@@ -78,10 +82,8 @@ class _FastPreciseBNMixin:
 def _fx_tracing(layer: nn.Module, input: Tensor) -> bool:
     """``torch.fx.symbolic_trace`` is tracing (it traces into modules outside ``torch.nn``;
     ``input`` is then a proxy). An FX graph cannot carry an accumulator: refused."""
-    from torch.fx import _symbolic_trace
-
-    if hasattr(_symbolic_trace, "is_fx_symbolic_tracing"):
-        tracing = _symbolic_trace.is_fx_symbolic_tracing()
+    if _is_fx_symbolic_tracing is not None:
+        tracing = _is_fx_symbolic_tracing()
     else:  # older torch: non-strict torch.export sets this flag too (it keeps our ops)
         tracing = _symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling()
     if tracing and getattr(layer, "accumulator", None) is not None:

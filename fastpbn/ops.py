@@ -48,9 +48,8 @@ def _stock_only(x: Tensor, *params: Optional[Tensor]) -> bool:
     """Where PyTorch's own kernel serves the call, with stock semantics: ``torch.jit.trace``,
     ``torch.func`` transforms and forward-mode AD (a dual tensor among x and ``params``)
     record or transform PyTorch's ops only (a Python kernel behind an ``autograd.Function``
-    has no batching or forward-derivative rule), and an empty input has nothing for
-    fastpbn's kernels to do."""
-    return (x.numel() == 0 or torch.jit.is_tracing()
+    has no batching or forward-derivative rule)."""
+    return (torch.jit.is_tracing()
             or torch._C._are_functorch_transforms_active()
             or forward_ad._current_level >= 0 and any(  # a dual level is open somewhere
                 t is not None and forward_ad.unpack_dual(t).tangent is not None
@@ -115,7 +114,7 @@ def batch_norm_train(
             *acc)
     backend = _eager_backend(input)
     if backend is not None and _stock_only(input, weight, bias):
-        if accumulator is not None and input.numel():
+        if accumulator is not None:
             raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
                                "torch.jit.trace, torch.func transforms or forward-mode AD")
         return _torch_ops.native_forward_train(*args[:8])

@@ -41,6 +41,21 @@ def close(a, b, what):
     torch.testing.assert_close(a, b, rtol=1e-4, atol=atol, msg=what)
 
 
+def backward_and_compare(eager: nn.Module, compiled_model: nn.Module, ye, yc, what: str):
+    """Backpropagate one random output gradient through both models; their parameter
+    gradients must agree."""
+    g = torch.randn_like(ye)
+    (ye * g).sum().backward()
+    (yc * g).sum().backward()
+    for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
+        close(pc.grad, pe.grad, what.format(name))
+
+
+def buffers_agree(eager: nn.Module, compiled_model: nn.Module, what: str):
+    for (name, be), bc in zip(eager.named_buffers(), compiled_model.buffers()):
+        close(bc, be, what.format(name))
+
+
 def run_and_compare(backend_name: str, compiler: str, channels_last: bool) -> None:
     fastpbn.set_backend(backend_name)
     torch._dynamo.reset()
@@ -54,25 +69,17 @@ def run_and_compare(backend_name: str, compiler: str, channels_last: bool) -> No
             x = x.to(memory_format=torch.channels_last)
         ye, yc = eager(x), compiled(x)
         close(yc, ye, f"train output, step {step}")
-        g = torch.randn_like(ye)
-        (ye * g).sum().backward()
-        (yc * g).sum().backward()
-        for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
-            close(pc.grad, pe.grad, f"grad of {name}, step {step}")
-        for (name, be), bc in zip(eager.named_buffers(), compiled_model.buffers()):
-            close(bc, be, f"buffer {name}, step {step}")
+        backward_and_compare(eager, compiled_model, ye, yc, f"grad of {{}}, step {step}")
+        buffers_agree(eager, compiled_model, f"buffer {{}}, step {step}")
         eager.zero_grad(), compiled_model.zero_grad()
     eager.eval(), compiled_model.eval()
     x = torch.randn(4, 3, 8, 8, device=DEVICE) * 2 + 50
     xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
     ye, yc = eager(xe), compiled(xc)
     close(yc, ye, "eval output")
-    g = torch.randn_like(ye)
-    (ye * g).sum().backward()
-    (yc * g).sum().backward()  # the eval backward op (running statistics)
+    # the eval backward op (running statistics)
+    backward_and_compare(eager, compiled_model, ye, yc, "eval grad of {}")
     close(xc.grad, xe.grad, "eval input grad")
-    for (name, pe), pc in zip(eager.named_parameters(), compiled_model.parameters()):
-        close(pc.grad, pe.grad, f"eval grad of {name}")
     assert int(compiled_model[4].num_batches_tracked) == 2
 
 
@@ -122,13 +129,8 @@ def test_compile_centred_path_and_accumulator(compiler):
     x = torch.randn(8, 3, 24, 24, device=DEVICE) * 2 + 50  # 8·8·24·24 values at layer 1
     ye, yc = eager(x), compiled(x)
     close(yc, ye, "output")
-    g = torch.randn_like(ye)
-    (ye * g).sum().backward()
-    (yc * g).sum().backward()
-    for (name, pe), pc in zip(eager.named_parameters(), model.parameters()):
-        close(pc.grad, pe.grad, f"grad of {name}")
-    for (name, be), bc in zip(eager.named_buffers(), model.buffers()):
-        close(bc, be, f"buffer {name}")
+    backward_and_compare(eager, model, ye, yc, "grad of {}")
+    buffers_agree(eager, model, "buffer {}")
     for f in ("count", "mean", "m2"):
         close(getattr(model[4].accumulator, f), getattr(eager[4].accumulator, f), f)
 
@@ -150,7 +152,7 @@ def test_custom_ops_fake_strides_match_every_layout(backend, training):
     forward and backward) must return exactly those, for any input layout."""
     from fastpbn import _function
 
-    for name, x in _odd_layouts().items():
+    for x in _odd_layouts().values():
         c = x.shape[1]
         w, b = torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE)
         rm, rv = torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE)
@@ -193,10 +195,10 @@ def test_compiled_backward_on_a_transposed_sequence():
 def test_export_keeps_fastpbn_ops(monkeypatch, old_torch):
     """torch.export (non-strict) records fastpbn's custom op, also where torch (< 2.9) has no
     is_fx_symbolic_tracing and is_fx_tracing is set by export as well as by FX."""
-    import torch.fx._symbolic_trace as symbolic_trace
+    from fastpbn import modules
 
-    if old_torch:
-        monkeypatch.delattr(symbolic_trace, "is_fx_symbolic_tracing", raising=False)
+    if old_torch:  # what modules found at import on such a torch
+        monkeypatch.setattr(modules, "_is_fx_symbolic_tracing", None)
     model = fastpbn.convert_model(nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))).to(DEVICE)
     program = torch.export.export(model, (torch.randn(2, 3, 5, 5, device=DEVICE),), strict=False)
     ops = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}

@@ -474,7 +474,7 @@ def test_torch_func_transforms_and_forward_ad(backend):
         params = {k: v.detach() for k, v in stock.named_parameters()}
         outs = []
         for m in (stock, ours):
-            per_sample = vmap(grad(lambda p, x: functional_call(m, p, (x,)).square().sum()),
+            per_sample = vmap(grad(lambda p, x, m=m: functional_call(m, p, (x,)).square().sum()),
                               in_dims=(None, 0))(params, xb)
             y, t = jvp(m, (xb[0],), (torch.ones_like(xb[0]),))
             with torch.autograd.forward_ad.dual_level():
