@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -55,6 +56,10 @@ class Backend:
 
     def not_supported_reasons(self, x: Tensor) -> list[str]:
         raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Whether ``auto`` may take this backend, which has no reasons against the input."""
+        return True
 
 
 def _common_reasons(x: Tensor) -> list[str]:
@@ -121,6 +126,19 @@ class CudaBackend(Backend):
             return reasons + [f"fastpbn._cuda_ext unavailable: {e}"]
         return reasons + _cuda_ext.not_supported_reasons()
 
+    def ready(self) -> bool:
+        """Builds the extension on first use. ``auto`` moves on if that fails, with a warning
+        (once: the failure is remembered); naming the backend raises the build error."""
+        from . import _cuda_ext
+
+        try:
+            _cuda_ext.load()
+        except _cuda_ext.CudaExtensionError as e:
+            warnings.warn(f"fastpbn: {e}; FASTPBN_BACKEND=auto serves CUDA tensors with the "
+                          "torch backend instead", RuntimeWarning, stacklevel=2)
+            return False
+        return True
+
     def __getattr__(self, op):
         from . import _cuda_ext
 
@@ -168,9 +186,11 @@ def get_backend(x: Tensor, name: Optional[str] = None) -> Backend:
                 f"({tuple(x.shape)}, {x.dtype}, {x.device}): " + "; ".join(reasons)
             )
         return backend
-    for candidate in ("triton", "cuda"):
-        if x.device.type == "cuda" and not _INSTANCES[candidate].not_supported_reasons(x):
-            return _INSTANCES[candidate]
+    if x.device.type == "cuda":
+        for candidate in ("triton", "cuda"):
+            backend = _INSTANCES[candidate]
+            if not backend.not_supported_reasons(x) and backend.ready():
+                return backend
     return _INSTANCES["torch"]
 
 

@@ -277,9 +277,16 @@ def forward_train(
         _merge_batch(acc, *moments64(pivot, mean_s, var), n)
     mean = mean_s.add_(pivot)  # float32; float64 for float64 x (its saved statistics too)
     if running_mean is not None:  # PyTorch's rule: the unbiased variance goes into running_var
-        running_mean.lerp_(mean.to(running_mean.dtype), factor)
-        running_var.lerp_(var.mul(n / max(n - 1, 1)).to(running_var.dtype), factor)
+        _update_running_(running_mean, mean, factor)
+        _update_running_(running_var, var.mul(n / max(n - 1, 1)), factor)
     return y, mean, var.add_(eps).rsqrt_()
+
+
+def _update_running_(buf: Tensor, batch: Tensor, factor: float) -> None:
+    """``buf = (1 - f)·buf + f·batch`` as PyTorch computes it: in the statistics' dtype,
+    rounded once into the buffer (a float16 buffer takes a blend whose batch value alone would
+    overflow it; and an infinite buffer stays infinite, where a lerp would make it NaN)."""
+    buf.copy_(torch.add(batch * factor, buf, alpha=1.0 - factor))
 
 
 # Below this many values an eager module call is faster through PyTorch's kernel and C++

@@ -9,8 +9,10 @@ backends. Three differences a user can rely on:
 * ``layer.accumulator`` may hold a :class:`fastpbn.WelfordState`; while it does, every training
   forward also merges its batch statistics into it, inside the statistics kernel. This is how
   precise statistics are gathered without a second pass over the activations;
-* a call that raises (a wrong channel count, a backend that refuses the input) takes back its
-  ``num_batches_tracked`` increment; stock BatchNorm keeps it.
+* a call refused for bad input (a wrong channel count or dtype, a backend that refuses the
+  input) leaves ``num_batches_tracked`` as it was; stock BatchNorm counts it. (A call that
+  gets as far as the kernel counts, as in stock: activation checkpointing's early stop of a
+  recomputed forward, which raises after the kernel, sees stock's counts.)
 
 Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.fx.symbolic_trace``,
 ``torch.func`` transforms and forward-mode AD the layers run PyTorch's own kernel, with stock
@@ -54,9 +56,9 @@ class _FastPreciseBNMixin:
         num_batches_tracked: Optional[Tensor] = None
         counter = self.num_batches_tracked
         if self.training and self.track_running_stats and counter is not None:
-            if not fx:  # an FX graph would not record it
-                counter.add_(1)
             num_batches_tracked = counter
+            if torch.jit.is_scripting():  # (eager: the op counts the call once it accepts it;
+                counter.add_(1)           # an FX graph would not record the increment)
         elif momentum is None:
             momentum = 0.0
         bn_training = self.training or (self.running_mean is None and self.running_var is None)
@@ -96,22 +98,17 @@ def _normalize(layer: nn.Module, input: Tensor, running_mean: Optional[Tensor],
                running_var: Optional[Tensor], momentum: Optional[float],
                num_batches_tracked: Optional[Tensor], bn_training: bool) -> Tensor:
     """The eager (and torch.compile) path: fastpbn's ops. A function, not a method: stock
-    layers borrow ``forward`` during a recompute pass. A call that raises takes back its
-    ``num_batches_tracked`` increment."""
-    try:
-        if bn_training:
-            return ops.batch_norm_train(
-                input, running_mean, running_var, layer.weight, layer.bias, momentum,
-                layer.eps, num_batches_tracked=num_batches_tracked,
-                accumulator=getattr(layer, "accumulator", None),
-            )
-        return ops.batch_norm(
-            input, running_mean, running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+    layers borrow ``forward`` during a recompute pass. ``num_batches_tracked`` is counted by
+    the op, once it has accepted the input."""
+    if bn_training:
+        return ops.batch_norm_train(
+            input, running_mean, running_var, layer.weight, layer.bias, momentum,
+            layer.eps, num_batches_tracked=num_batches_tracked,
+            accumulator=getattr(layer, "accumulator", None),
         )
-    except BaseException:
-        if num_batches_tracked is not None:
-            num_batches_tracked.sub_(1)
-        raise
+    return ops.batch_norm(
+        input, running_mean, running_var, layer.weight, layer.bias, False, 0.0, layer.eps
+    )
 
 
 class FastPreciseBN1d(_FastPreciseBNMixin, nn.BatchNorm1d):

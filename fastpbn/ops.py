@@ -14,6 +14,7 @@ from . import _function, _torch_ops
 from ._backend import get_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF = (torch.float16, torch.bfloat16)
 
 
 def _check_input(x: Tensor, name: str = "input") -> None:
@@ -26,7 +27,10 @@ def _check_input(x: Tensor, name: str = "input") -> None:
 
 
 def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
+    """Size, device and dtype of the per-channel tensors, by PyTorch's rule for dtypes: they
+    share one, the input's or (for a float16/bfloat16 input) float32."""
     c = x.shape[1]
+    first = None
     for name, t in per_channel.items():
         if t is None:
             continue
@@ -35,6 +39,15 @@ def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
         if t.device != x.device:
             raise RuntimeError(f"{name} is on {t.device} but input is on {x.device}")
+        if first is None:
+            first = name, t.dtype
+            if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _HALF):
+                raise RuntimeError(f"{name} is {t.dtype} but input is {x.dtype}: weight, bias "
+                                   "and running statistics take the input's dtype (or float32 "
+                                   "for a float16/bfloat16 input)")
+        elif t.dtype != first[1]:
+            raise RuntimeError(f"{name} is {t.dtype} but {first[0]} is {first[1]}: weight, "
+                               "bias and running statistics share one dtype")
 
 
 def _verify_batch_size(x: Tensor) -> None:
@@ -89,7 +102,9 @@ def batch_norm_train(
         momentum: the running-average factor; None means the cumulative average
             ``1 / num_batches_tracked`` (read on the device by the GPU backends: no host
             synchronization).
-        num_batches_tracked: the layer's counter, already incremented (used when momentum is None).
+        num_batches_tracked: the layer's counter, incremented here once the arguments have
+            passed their checks (a refused call leaves it as it was) and before the running
+            statistics are updated; with momentum None the factor is 1 / its new value.
         accumulator: a :class:`fastpbn.WelfordState` into which this batch's statistics are
             merged (in float64, inside the statistics kernel where the backend has one).
     Returns:
@@ -113,6 +128,8 @@ def batch_norm_train(
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)
     backend = _eager_backend(input)
+    if num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
     if backend is not None and _stock_only(input, weight, bias):
         if accumulator is not None:
             raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "

@@ -22,6 +22,8 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import types
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -193,6 +195,30 @@ def test_failed_build_is_reported_not_retried(monkeypatch):
             _cuda_ext.load()
     assert len(calls) == 1
     assert any("boom" in r for r in _cuda_ext.not_supported_reasons())
+
+
+def test_auto_moves_on_when_the_build_fails(monkeypatch):
+    """auto on a CUDA tensor without Triton: a failed build warns once and the torch backend
+    serves that call and every later one (the first call used to raise, the later ones
+    switched silently); naming the backend raises the build error."""
+    from fastpbn import _backend
+
+    monkeypatch.setattr(_cuda_ext, "_ext", None)
+    monkeypatch.setattr(_cuda_ext, "_build_error", None)
+    monkeypatch.setattr(_cuda_ext, "_environment_reasons", lambda: ())
+    monkeypatch.setattr(_cuda_ext, "_build", lambda: (_ for _ in ()).throw(
+        RuntimeError("Error building extension: nvcc fatal: boom")))
+    monkeypatch.setattr(_backend._INSTANCES["triton"], "not_supported_reasons",
+                        lambda x: ["triton is not installed"])
+    monkeypatch.setattr(_backend, "_common_reasons", lambda x: [])
+    x = types.SimpleNamespace(device=torch.device("cuda"), shape=(4, 3), dtype=torch.float32)
+    with pytest.warns(RuntimeWarning, match="boom.*torch backend"):
+        assert _backend.get_backend(x, "auto").name == "torch"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert _backend.get_backend(x, "auto").name == "torch"
+    with pytest.raises(BackendUnavailable, match="boom"):
+        _backend.get_backend(x, "cuda")
 
 
 def test_build_targets_the_local_gpu_from_installed_sources(monkeypatch):

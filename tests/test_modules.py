@@ -538,7 +538,7 @@ def test_forward_ad_elsewhere_leaves_other_layers_on_fastpbn():
     assert (layer.accumulator.count == 4 * 25).all()
 
 
-def test_a_failed_call_takes_back_its_counter_increment(backend):
+def test_a_refused_call_is_not_counted(backend):
     layer = FastPreciseBN2d(3).to(DEVICE).double()
     x = shifted(4, 3, 5, 5).double()
     if backend == "triton":  # float64 is refused by name
@@ -548,3 +548,67 @@ def test_a_failed_call_takes_back_its_counter_increment(backend):
     with pytest.raises(RuntimeError, match="should contain 4 elements not 3"):
         layer(shifted(4, 4, 5, 5).double())
     assert layer.num_batches_tracked.item() == 0 and (layer.running_mean == 0).all()
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_parameter_dtypes_follow_stock(backend, accumulate):
+    """Weight, bias and running stats share one dtype: the input's, or float32 for a
+    float16/bfloat16 input. What stock refuses is refused by name, and leaves the layer as it
+    was (the accumulating path used to cast the parameters silently)."""
+    cases = [(torch.float64, torch.float32), (torch.float32, torch.float64),
+             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float16)]
+    for x_dtype, p_dtype in cases:
+        stock = nn.BatchNorm2d(3).to(DEVICE, p_dtype)
+        ours = FastPreciseBN2d(3).to(DEVICE, p_dtype)
+        if accumulate:
+            ours.accumulator = fastpbn.WelfordState(3, DEVICE)
+        x = shifted(4, 3, 5, 5).to(x_dtype)
+        with pytest.raises(RuntimeError):
+            stock(x)
+        with pytest.raises(RuntimeError, match=f"but input is {x_dtype}"):
+            ours(x)
+        assert ours.num_batches_tracked.item() == 0 and (ours.running_mean == 0).all()
+        if accumulate:
+            assert (ours.accumulator.count == 0).all()
+    mixed = FastPreciseBN2d(3).to(DEVICE)
+    mixed.running_var.data = mixed.running_var.double()
+    with pytest.raises(RuntimeError, match="running_var is torch.float64 but running_mean is"):
+        mixed(shifted(4, 3, 5, 5))
+    with pytest.raises(RuntimeError, match="weight is torch.float16 but input is"):
+        fastpbn.batch_norm(shifted(4, 3, 5, 5), None, None, torch.ones(3, device=DEVICE).half(),
+                           training=True)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_activation_checkpointing_counts_as_stock(backend, momentum):
+    """Non-reentrant checkpointing recomputes the forward in the backward and stops it by
+    raising once the kernel has run: stock counts that call (and updates its running stats
+    twice per step), and so must a drop-in (momentum None reads the count)."""
+    from torch.utils.checkpoint import checkpoint
+
+    stock, ours = make_pair(2, 3, momentum=momentum)
+    for step in range(3):
+        x = shifted(4, 3, 5, 5, mean=step * 10.0)
+        for m in (stock, ours):
+            checkpoint(m, x.clone().requires_grad_(), use_reentrant=False).sum().backward()
+    assert stock.num_batches_tracked.item() == ours.num_batches_tracked.item() == 6
+    assert_close(ours.running_mean, stock.running_mean, 1e-5, "running_mean")
+    assert_close(ours.running_var, stock.running_var, 1e-5, "running_var")
+    assert_close(ours.weight.grad, stock.weight.grad, 1e-4, "weight.grad")
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_float16_running_var_takes_what_stock_takes(backend, accumulate):
+    """Batch variances above float16's max (65504) in a .half() layer: stock blends in float32
+    and rounds once (16384, then 28640...). Rounding the batch variance into the buffer first
+    gave Inf, and the next blend made it NaN for good."""
+    torch.manual_seed(3)
+    stock, ours = nn.BatchNorm2d(2).to(DEVICE).half(), FastPreciseBN2d(2).to(DEVICE).half()
+    if accumulate:
+        ours.accumulator = fastpbn.WelfordState(2, DEVICE)
+    for _ in range(3):
+        x = (torch.randn(4, 2, 3, 3, device=DEVICE) * 400).half()
+        stock(x), ours(x)
+        assert torch.isfinite(ours.running_var).all()
+        assert_close(ours.running_var, stock.running_var, 2e-3, "running_var")
+        assert_close(ours.running_mean, stock.running_mean, 2e-3, "running_mean")

@@ -765,9 +765,11 @@ def test_cuda_graph_and_pinned_prefetch_match_eager(convert):
     data = [shifted(16, 1, 8, 8).pin_memory() for _ in range(9)]  # remainder batch runs eager
     eager = recompute_bn_stats(model, data, batch_size=32, apply=False)
     graph = recompute_bn_stats(model, data, batch_size=32, apply=False, cuda_graph=True)
-    for n in eager:
-        torch.testing.assert_close(graph[n].mean, eager[n].mean, rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(graph[n].var, eager[n].var, rtol=1e-12, atol=1e-12)
+    for n in eager:  # float32-level: cuDNN need not pick the same algorithm under capture
+        # (a batch counted twice or missed is off by percents, not 1e-6)
+        assert graph[n].count.equal(eager[n].count)
+        torch.testing.assert_close(graph[n].mean, eager[n].mean, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(graph[n].var, eager[n].var, rtol=1e-6, atol=1e-7)
     truth = ground_truth(model, [torch.cat(data[i:i + 2]).cuda() for i in range(0, 9, 2)])
     assert_close_to_truth(eager, truth, rtol=1e-6)
 
@@ -1017,3 +1019,31 @@ def test_compiled_model_statistics_are_keyed_by_the_original_names():
     plain.apply(compiled)
     assert plain.drift(compiled)[0]["layer"] == "1"
     update_bn_stats(compiled.train(), batches, num_iters=2)
+
+
+def test_compiled_model_runs_the_pass_eagerly():
+    """The pass switches modes and layer forwards: run through the compiled wrapper, it made
+    the compiler trace a graph for the pass alone (and warn of graph breaks on CPU). The
+    original module runs it instead, with the same statistics, stop_early included."""
+    torch._dynamo.reset()
+    torch.manual_seed(46)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = convert_model(nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
+                                        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    compiled = torch.compile(model, backend=counting_backend)
+    compiled(shifted(8, 1, 8, 8))
+    compiled_before = len(graphs)
+    batches = [shifted(8, 1, 8, 8) for _ in range(3)]
+    for kw in ({}, {"layers": ["1"]}):
+        via_compiled = recompute_bn_stats(compiled, batches, apply=False, **kw)
+        eager = recompute_bn_stats(model, batches, apply=False, **kw)
+        assert list(via_compiled) == list(eager)
+        for name in eager:
+            assert torch.equal(via_compiled[name].var, eager[name].var)
+    update_bn_stats(compiled.train(), batches, num_iters=2)
+    assert len(graphs) == compiled_before

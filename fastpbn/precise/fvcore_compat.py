@@ -50,7 +50,8 @@ def update_bn_stats(
         raise ValueError(f"num_iters must be a positive integer, got {num_iters!r}")
     if progress not in (None, "tqdm"):
         raise ValueError(f"progress must be None or 'tqdm', got {progress!r}")
-    layers = [(n, m) for n, m in layer_root(model).named_modules()
+    root = layer_root(model)  # a compiled model: its original module runs the pass (eagerly)
+    layers = [(n, m) for n, m in root.named_modules()
               if m.training and isinstance(m, BN_MODULE_TYPES) and has_running_stats(m)]
     if not layers:
         return
@@ -69,7 +70,7 @@ def update_bn_stats(
             for inputs in tqdm(itertools.islice(data_loader, num_iters), total=num_iters,
                                disable=progress != "tqdm"):
                 tracker.begin_forward()
-                model(inputs)
+                root(inputs)
                 state.after_forward()
                 calls = [c + k for c, k in zip(calls, tracker.counts)]
                 ran += 1

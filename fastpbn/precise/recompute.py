@@ -65,8 +65,10 @@ def recompute_bn_stats(
     happens per batch (only every ``tol_every`` batches with ``tol``).
 
     Args:
-        model: the model; its BN layers' names in ``named_modules()`` key the result (for a
-            ``torch.compile``d model, the names in the original module).
+        model: the model; its BN layers' names in ``named_modules()`` key the result. A
+            ``torch.compile``d model's original module runs the pass, eagerly (the pass
+            switches modes and layer forwards: the compiler would trace and compile a graph
+            for the pass alone) and keys the result.
         data: an iterable of items (tensor; tuple/list: first element; dict: the first of
             "input", "inputs", "image", "images", "img", "x").
         num_samples: use exactly this many samples (the item that crosses it is cut); the
@@ -87,7 +89,8 @@ def recompute_bn_stats(
             keep their own ``forward``; a FastPreciseBN layer is measured on what it
             normalizes (through ``FastPreciseBN.forward``), any other such layer on its input.
         input_fn: ``input_fn(item)`` -> model input (tensor or structure of tensors).
-        forward_fn: ``forward_fn(model, inputs)`` runs the model; default ``model(inputs)``.
+        forward_fn: ``forward_fn(model, inputs)`` runs the model (a compiled model's
+            original module); default ``model(inputs)``.
         device: where inputs go (non-blocking copies from pinned memory, overlapped with the
             previous batch's forward on CUDA; so a loader must not refill a pinned tensor it
             has already handed out, as ``DataLoader(pin_memory=True)`` never does). None: the
@@ -112,8 +115,8 @@ def recompute_bn_stats(
             branching). None (default): on when ``layers`` selects only some
             of the model's BN layers (where it saves real time: 34 % with a ResNet-50's stem
             and first stage) and no ``forward_fn`` is given (it may call the model more than
-            once or need outputs), no layer is called more than once per forward and the
-            model is not ``torch.compile``d; off for a whole-model pass, whose last BN layer
+            once or need outputs) and no layer is called more than once per forward; off
+            for a whole-model pass, whose last BN layer
             usually comes just before the head (measured: no gain).
         cuda_graph: capture the forward as a CUDA graph (fixed input shapes; batches of
             another shape run eagerly). CUDA only; the forward must be capturable.
@@ -133,7 +136,8 @@ def recompute_bn_stats(
     num_samples, num_batches, batch_size, tol_every = _check_args(
         model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every, input_fn,
         forward_fn)
-    selected = select_layers(layer_root(model), layers)
+    root = layer_root(model)
+    selected = select_layers(root, layers)
     if not selected:
         warnings.warn("recompute_bn_stats: the model has no BatchNorm layer with running "
                       "statistics (or none is selected); nothing to recompute", stacklevel=2)
@@ -146,9 +150,8 @@ def recompute_bn_stats(
     accs = [LayerAccumulator(n, m.running_mean.numel(), m.running_mean.device, per_call)
             for n, m in selected]
     if stop_early is None:
-        subset = layers is not None and len(selected) < len(select_layers(layer_root(model), None))
-        stop_early = (subset and forward_fn is None
-                      and getattr(model, "_orig_mod", None) is None)
+        subset = layers is not None and len(selected) < len(select_layers(root, None))
+        stop_early = subset and forward_fn is None
         auto_stop = True
     else:
         auto_stop = False
@@ -168,7 +171,7 @@ def recompute_bn_stats(
         source = regroup(on_device(host_batches(data, input_fn or default_input, max_samples,
                                                 max_items, batch_size is None), device),
                          batch_size)
-        forward = Forward(model, forward_fn, tracker, device if cuda_graph else None)
+        forward = Forward(root, forward_fn, tracker, device if cuda_graph else None)
         with torch.no_grad():  # not inference_mode: tensors a model caches must stay usable
             run = _run(source, forward, accs, tracker, state, tol, tol_every, progress,
                        max_samples, stop_early, auto_stop, batch_size, group, distributed)
