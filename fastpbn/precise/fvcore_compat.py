@@ -37,7 +37,8 @@ def update_bn_stats(
     warning (fvcore writes zeros); if the loop raises, the model is exactly as before.
 
     Args:
-        model: the model whose training-mode BN layers are recomputed.
+        model: the model whose training-mode BN layers are recomputed (a
+            ``torch.compile``d model: its original module runs, eagerly).
         data_loader: an iterable; each item is passed to ``model`` unchanged.
         num_iters: number of items to run; the loader must yield at least that many.
         progress: None or "tqdm" (a progress bar).
