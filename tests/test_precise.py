@@ -1047,3 +1047,74 @@ def test_compiled_model_runs_the_pass_eagerly():
             assert torch.equal(via_compiled[name].var, eager[name].var)
     update_bn_stats(compiled.train(), batches, num_iters=2)
     assert len(graphs) == compiled_before
+
+
+class _Counting(nn.Module):
+    """A module that writes its buffers in forward whatever its mode."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        self.register_buffer("avg", torch.zeros(1))
+
+    def forward(self, x):
+        self.calls += 1
+        self.avg.mul_(0.9).add_(0.1 * x.mean())
+        return x
+
+
+def test_buffers_the_forward_writes_are_put_back():
+    """The pass leaves every buffer as it was (only apply writes BN statistics): also those a
+    module writes in forward whatever its mode, and also when the pass fails."""
+    torch.manual_seed(47)
+    model = nn.Sequential(_Counting(), nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
+    model(shifted(8, 1, 6, 6))
+    before = snapshot(model)
+    batches = [shifted(8, 1, 6, 6) for _ in range(3)]
+    recompute_bn_stats(model, batches, apply=False)
+    assert_unchanged(model, before)
+    bad = batches + [torch.full((8, 1, 6, 6), float("nan"))]
+    with pytest.raises(ValueError, match="non-finite"):
+        recompute_bn_stats(model, bad)
+    assert_unchanged(model, before)
+    stats = recompute_bn_stats(model, batches)  # applied: the BN layer's buffers change, only
+    assert model[0].calls.item() == 1 and torch.equal(model[0].avg, before[0]["0.avg"])
+    assert torch.equal(model[2].running_var, stats["2"].var.float())
+    update_bn_stats(model.train(), batches, num_iters=3)
+    assert model[0].calls.item() == 1
+
+
+def test_namedtuple_inputs_and_batch_dims():
+    """Model inputs may be namedtuples; their tensors must share dim 0 (the batch); 0-d
+    tensors ride along; batches that cannot be concatenated are named as batch_size's."""
+    from collections import namedtuple
+
+    Pair = namedtuple("Pair", "x scale")
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(1)
+
+        def forward(self, p):
+            return self.bn(p.x * p.scale)
+
+    torch.manual_seed(48)
+    xs = [shifted(8, 1, 4, 4) for _ in range(3)]
+    plain = recompute_bn_stats(nn.Sequential(nn.BatchNorm2d(1)), xs, num_samples=20,
+                               batch_size=6, apply=False)
+    pairs = [Pair(x, torch.tensor(1.0)) for x in xs]
+    for kw in ({}, {"num_samples": 20, "batch_size": 6}):
+        stats = recompute_bn_stats(Model(), pairs, input_fn=lambda p: p, apply=False, **kw)
+        if kw:
+            assert torch.equal(stats["bn"].var, plain["0"].var)
+            assert stats.num_samples == 20
+    model = Model()
+    before = snapshot(model)
+    uneven = [Pair(x, torch.ones(5)) for x in xs]
+    with pytest.raises(ValueError, match=r"share dim 0.*\[8, 5\]"):
+        recompute_bn_stats(model, uneven, input_fn=lambda p: p)
+    with pytest.raises(ValueError, match="batch_size.*cannot be concatenated"):
+        recompute_bn_stats(nn.BatchNorm2d(1), [shifted(4, 1, 4, 4), shifted(4, 1, 5, 5)],
+                           batch_size=8)
+    assert_unchanged(model, before)

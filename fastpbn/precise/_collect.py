@@ -205,8 +205,10 @@ class PassState:
     Records every module's ``training`` flag, the selected layers' ``track_running_stats`` and
     FastPreciseBN ``accumulator`` attributes; :meth:`restore` sets them back (assigning the
     flags directly, so overridden ``train()`` methods are not triggered) and removes every
-    hook this object registered. Buffers are not written during a pass; a copy of the selected
-    layers' buffers is still put back, in case a BN subclass ignores ``track_running_stats``.
+    hook this object registered, and puts back a copy of every buffer of the model: the
+    selected layers do not write theirs, but a BN subclass may ignore ``track_running_stats``,
+    and another module may write its own in ``forward`` whatever its mode (a call counter, an
+    input average).
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]):
@@ -227,10 +229,8 @@ class PassState:
         # or move it): their forward runs as it is
         self.wrapped = {id(m) for m, f in self.forwards if f is not _MISSING}
         self.flat: Optional[FlatStats] = None
-        # buffers are not written during a pass; a copy is still put back for BN subclasses of
-        # unknown behaviour (the exact stock and FastPreciseBN classes honour the flag)
-        self.buffers = [(b, b.clone()) for _, m in layers if type(m) not in EXACT_TYPES
-                        for b in m.buffers(recurse=False)]
+        self.buffers = [(b, b.clone()) for b in model.buffers()
+                        if not isinstance(b, UninitializedBuffer)]
         self.handles: list = []
 
     def enter(self, set_modes: bool) -> None:

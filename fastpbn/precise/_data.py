@@ -1,9 +1,9 @@
 """The data side of a recompute pass: item -> model input, device moves that overlap compute,
 and regrouping loader batches into normalization batches of a chosen size.
 
-Model inputs are a tensor or a nested tuple/list/dict of tensors whose dim 0 is the batch;
-other leaves (strings, ints) ride along unchanged and are taken from the first loader batch
-when batches are concatenated.
+Model inputs are a tensor or a nested tuple/list/dict of tensors whose dim 0 is the batch (the
+same size in all of them); other leaves (strings, ints, 0-d tensors) ride along unchanged and
+are taken from the first loader batch when batches are concatenated.
 """
 
 from __future__ import annotations
@@ -43,10 +43,21 @@ def map_tensors(fn: Callable[[Tensor], Tensor], x: Any) -> Any:
     if isinstance(x, Tensor):
         return fn(x)
     if isinstance(x, (tuple, list)):
-        return type(x)(map_tensors(fn, v) for v in x)
+        return _rebuild(x, [map_tensors(fn, v) for v in x])
     if isinstance(x, Mapping):
         return {k: map_tensors(fn, v) for k, v in x.items()}
     return x
+
+
+def _rebuild(like: tuple | list, values: list) -> Any:
+    if hasattr(like, "_fields"):  # a namedtuple (PackedSequence too) takes its fields apart
+        return type(like)(*values)
+    return type(like)(values)
+
+
+def slice_batch(x: Any, start: int, stop: int) -> Any:
+    """Samples [start, stop) of a model input (leaves without a batch dim as they are)."""
+    return map_tensors(lambda t: t[start:stop] if t.dim() else t, x)
 
 
 def tensors(x: Any) -> list[Tensor]:
@@ -56,14 +67,20 @@ def tensors(x: Any) -> list[Tensor]:
 
 
 def batch_len(x: Any) -> int:
-    """Samples in a model input: dim 0 of its first tensor."""
-    leaves = tensors(x)
-    if not leaves or leaves[0].dim() == 0:
+    """Samples in a model input: dim 0 of its tensors, which must agree."""
+    sizes = [t.shape[0] for t in tensors(x) if t.dim()]
+    if not sizes:
         raise TypeError(
             f"the model input must be a tensor (or a structure of tensors) with a batch dim, "
             f"got {type(x).__name__}; pass input_fn= to build it"
         )
-    return leaves[0].shape[0]
+    if any(n != sizes[0] for n in sizes):
+        raise ValueError(
+            f"the tensors of a model input must share dim 0, the batch; got dim-0 sizes "
+            f"{sizes} (a list of per-sample tensors is not a batch): pass input_fn= to build a "
+            "batched input, or forward_fn= to feed the model other tensors"
+        )
+    return sizes[0]
 
 
 def concat(parts: list[Any]) -> Any:
@@ -72,9 +89,17 @@ def concat(parts: list[Any]) -> Any:
         return parts[0]
     first = parts[0]
     if isinstance(first, Tensor):
+        if not first.dim():
+            return first
+        if any(p.shape[1:] != first.shape[1:] for p in parts):
+            raise ValueError(
+                "batch_size: loader batches of shapes "
+                f"{sorted({tuple(p.shape) for p in parts})} cannot be concatenated into one "
+                "normalization batch (they differ beyond dim 0); use batch_size=None"
+            )
         return torch.cat(parts)
     if isinstance(first, (tuple, list)):
-        return type(first)(concat([p[i] for p in parts]) for i in range(len(first)))
+        return _rebuild(first, [concat([p[i] for p in parts]) for i in range(len(first))])
     if isinstance(first, Mapping):
         return {k: concat([p[k] for p in parts]) for k in first}
     return first
@@ -104,7 +129,7 @@ def host_batches(
             continue
         if max_samples is not None and pulled + n > max_samples:
             n = max_samples - pulled
-            x = map_tensors(lambda t, n=n: t[:n], x)
+            x = slice_batch(x, 0, n)
         items += 1
         if n:
             pulled += n
@@ -170,7 +195,7 @@ def regroup(
             take = min(n - start, batch_size - have)
             whole = start == 0 and take == n
             parts.append(
-                x if whole else map_tensors(lambda t, a=start, b=start + take: t[a:b], x)
+                x if whole else slice_batch(x, start, start + take)
             )
             have += take
             start += take

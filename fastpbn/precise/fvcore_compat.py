@@ -34,7 +34,8 @@ def update_bn_stats(
     computed in float64 from centred per-batch statistics (fvcore's E[x^2] - E[x]^2 in
     float32 is 20-40 % off at |mean|/std = 1e3); a layer called several times per forward
     accumulates every call (fvcore asserts); a layer that never ran is left unchanged with a
-    warning (fvcore writes zeros); if the loop raises, the model is exactly as before.
+    warning (fvcore writes zeros); other buffers the forward writes (a call counter, say) are
+    put back (fvcore leaves them changed); if the loop raises, the model is exactly as before.
 
     Args:
         model: the model whose training-mode BN layers are recomputed (a
