@@ -1118,3 +1118,27 @@ def test_namedtuple_inputs_and_batch_dims():
         recompute_bn_stats(nn.BatchNorm2d(1), [shifted(4, 1, 4, 4), shifted(4, 1, 5, 5)],
                            batch_size=8)
     assert_unchanged(model, before)
+
+
+class _SubclassBN(nn.BatchNorm2d):
+    """A BN subclass: the pass measures it through hooks, not the CPU fast path."""
+
+
+def test_per_call_estimators_fast_path_equals_hooks():
+    """batch_mean and tol need per-call statistics: the CPU fast path merges them in its
+    flush (one call per layer at most), the hook path call by call; a layer called twice per
+    forward counts twice in both."""
+    torch.manual_seed(49)
+    fast = SharedHead()
+    hooked = copy.deepcopy(fast)
+    hooked.head_bn.__class__ = _SubclassBN
+    batches = [shifted(n, 1, 8, 8) for n in (32, 24, 32, 16, 32, 32)]
+    truth = ground_truth(fast, batches)
+    for model in (fast, hooked):
+        s = recompute_bn_stats(model, batches, estimator="batch_mean", apply=False)
+        assert_close_to_truth(s, truth, kind="batch_mean")
+    for tol, stop in ((0.5, (4, True)), (1e-6, (6, False))):  # converged after 4 / never
+        a = recompute_bn_stats(fast, batches, tol=tol, tol_every=2, apply=False)
+        b = recompute_bn_stats(hooked, batches, tol=tol, tol_every=2, apply=False)
+        assert (a.num_batches, a.converged) == (b.num_batches, b.converged) == stop
+        torch.testing.assert_close(a["head_bn"].var, b["head_bn"].var, rtol=1e-6, atol=0)

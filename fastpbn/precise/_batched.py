@@ -1,4 +1,4 @@
-"""CPU fast path of a population pass: one merge per forward for all layers at once.
+"""CPU fast path of a statistics pass: one merge per forward for all layers at once.
 
 On the GPU a layer merges each batch into its float64 state inside its statistics kernel. On
 the CPU (the ``torch`` backend) that merge is a dozen tiny tensor operations per layer and
@@ -6,8 +6,9 @@ call, which costs more than the statistics themselves on small activations. Here
 selected layer's forward only normalizes (``_torch_ops.batch_norm_train``: exact at any
 |mean|/std) and leaves (pivot, mean about the pivot, biased variance) in slots of flat staging
 vectors; after the forward, :meth:`FlatStats.flush` merges every layer's batch into the flat
-float64 (count, mean, M2) with one vectorized Chan merge. The layers' ``WelfordState``\\ s are
-views of those flat vectors, so everything downstream is unchanged. A layer called twice in
+float64 (count, mean, M2) with one vectorized Chan merge (and, for the per-call estimators,
+the per-call means and variances likewise). The layers' ``WelfordState``\\ s are views of
+those flat vectors, so everything downstream is unchanged. A layer called twice in
 one forward flushes before its second call: every call counts.
 
 A layer's first call runs ``batch_norm_train`` with ``shift=False`` (large activations: no
@@ -35,20 +36,26 @@ from ..stats import WelfordState
 
 
 class FlatStats:
-    """Staging and float64 state for ``layers`` (all on one CPU device); ``tracker.called(i)``
-    is told of each call of layer ``i`` (its index in the pass)."""
+    """Staging and float64 state for ``layers`` (all on one CPU device) and their
+    accumulators ``accs``; ``tracker.called(i)`` is told of each call of layer ``i`` (its
+    index in the pass). A flush holds at most one call of each layer, so the per-call
+    statistics of the "batch_mean" estimator and of ``tol`` are merged there too."""
 
-    def __init__(self, layers: list[nn.Module], states: list[WelfordState], tracker):
+    def __init__(self, layers: list[nn.Module], accs: list, tracker):
         sizes = [m.num_features for m in layers]
-        total, device = sum(sizes), states[0].device
-        self.count, self.mean, self.m2 = torch.zeros(3, total, dtype=torch.float64,
-                                                     device=device)
+        total, device = sum(sizes), accs[0].total.device
+        self.total = torch.zeros(3, total, dtype=torch.float64, device=device)
+        _bind([acc.total for acc in accs], self.total, sizes)
+        self.per_call = accs[0].per_call
+        if self.per_call:  # Welford over per-call means, sum of per-call unbiased variances
+            self.calls = torch.zeros(3, total, dtype=torch.float64, device=device)
+            _bind([acc.calls for acc in accs], self.calls, sizes)
+            self.var_sum = torch.zeros(total, dtype=torch.float64, device=device)
+            for acc, var_sum in zip(accs, self.var_sum.split(sizes)):
+                acc.var_sum = var_sum
         # float32 staging; var 0 (not garbage) in slots never filled
         self.pivot, self.mean_s, self.var = torch.zeros(3, total, device=device)
         self.sizes = torch.tensor(sizes)
-        for state, count, mean, m2 in zip(states, *(t.split(sizes) for t in
-                                                    (self.count, self.mean, self.m2))):
-            state.count, state.mean, state.m2 = count, mean, m2
         self.staging = list(zip(*(t.split(sizes) for t in (self.pivot, self.mean_s, self.var))))
         self.n = [0] * len(layers)  # values per channel of each slot's pending batch (0: none)
         # whether a slot's input needs the pivot shift (small tensors; decided on its 1st call)
@@ -103,5 +110,14 @@ class FlatStats:
             return
         n = torch.tensor(self.n, dtype=torch.float64).repeat_interleave(self.sizes)
         mean_b, var_b = moments64(self.pivot, self.mean_s, self.var)
-        chan_merge_(self.count, self.mean, self.m2, n, mean_b, var_b.mul_(n))
+        if self.per_call:  # equal weight per call (slots with nothing staged: weight 0)
+            chan_merge_(*self.calls, (n > 0).double(), mean_b, torch.zeros_like(mean_b))
+            self.var_sum.add_(var_b * n / (n - 1).clamp_min(1.0))
+        chan_merge_(*self.total, n, mean_b, var_b.mul_(n))
         self.n = [0] * len(self.n)
+
+
+def _bind(states: list[WelfordState], flat: Tensor, sizes: list[int]) -> None:
+    """Make each state's (count, mean, m2) views of its slot in the flat (3, total) rows."""
+    for state, count, mean, m2 in zip(states, *(row.split(sizes) for row in flat)):
+        state.count, state.mean, state.m2 = count, mean, m2

@@ -102,7 +102,8 @@ class LayerAccumulator:
     ``total``: (count, mean, M2) of every value the layer saw. With ``per_call``, each call is
     first gathered in ``call`` and then folded into ``total``, into ``calls`` (a Welford state
     over the per-call means: equal weight per call) and into ``var_sum`` (sum of the per-call
-    unbiased variances) -- what the "batch_mean" estimator and the ``tol`` test need.
+    unbiased variances) -- what the "batch_mean" estimator and the ``tol`` test need (on the
+    CPU fast path, :class:`FlatStats` merges a call into all three directly).
     """
 
     def __init__(self, name: str, channels: int, device: torch.device, per_call: bool):
@@ -251,7 +252,7 @@ class PassState:
                 if id(m) not in self.wrapped and _flat_eligible(m, acc)
                 ] if _cpu_backend_is_torch() else []
         if flat:
-            self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i].total for i in flat],
+            self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i] for i in flat],
                                   tracker)
             for slot, i in enumerate(flat):
                 m = self.layers[i][1]
@@ -313,9 +314,9 @@ class PassState:
 
 
 def _flat_eligible(m: nn.Module, acc: LayerAccumulator) -> bool:
-    """The CPU fast path serves the population estimator of float32 CPU layers (when the
-    torch backend serves the CPU: not when another backend is forced)."""
-    if acc.per_call or type(m) not in EXACT_TYPES:  # subclasses keep their own forward
+    """The CPU fast path serves float32 CPU layers (when the torch backend serves the CPU:
+    not when another backend is forced)."""
+    if type(m) not in EXACT_TYPES:  # subclasses keep their own forward
         return False
     return m.running_mean.device.type == "cpu" and m.running_mean.dtype == torch.float32
 
