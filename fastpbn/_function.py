@@ -19,6 +19,14 @@ from ._backend import get_backend
 from ._scratch import output_like
 
 
+def through_ops() -> bool:
+    """Whether a call must go through the custom ops, whose fake implementations serve a
+    graph being compiled and a ``FakeTensorMode`` (memory and shape estimation), rather than
+    straight to a backend's kernels."""
+    return (torch.compiler.is_compiling()
+            or torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None)
+
+
 def _param_grad(x: Tensor, weight: Optional[Tensor]) -> Tensor:
     return x.new_empty(x.shape[1], dtype=weight.dtype if weight is not None else torch.float32)
 
@@ -136,7 +144,7 @@ def _(grad_out, x, weight, mean, invstd, training, output_mask):
 def _grads(ctx, grad_out, x, weight, mean, invstd, training):
     mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
             ctx.needs_input_grad[2]]
-    if torch.compiler.is_compiling():
+    if through_ops():
         dx, dw, db = batch_norm_backward(grad_out, x, weight, mean, invstd, training, mask)
     elif torch.is_grad_enabled():
         # backward(create_graph=True): PyTorch's backward kernel, which has a derivative
@@ -157,10 +165,11 @@ class BatchNormTrain(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, num_batches_tracked,
                 momentum, eps, acc_count, acc_mean, acc_m2, backend=None):
         # eager calls skip the custom-op dispatcher (tens of microseconds a call) and use the
-        # backend the caller resolved; graphs being compiled need the op and its fake
+        # backend the caller resolved; graphs being compiled (and fake tensors) need the op
+        # and its fake
         args = (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 acc_count, acc_mean, acc_m2)
-        if torch.compiler.is_compiling():
+        if through_ops():
             y, mean, invstd = batch_norm_train(*args)
         else:
             y, mean, invstd = _train_impl(*args, backend=backend)
@@ -182,7 +191,7 @@ class BatchNormEval(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, backend=None):
         ctx.save_for_backward(x, weight, running_mean, running_var)
         ctx.eps, ctx.backend = eps, backend
-        if torch.compiler.is_compiling():
+        if through_ops():
             return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
         return _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=backend)
 
@@ -198,13 +207,13 @@ class BatchNormEval(torch.autograd.Function):
 def batch_norm_train_no_grad(*args, backend=None):
     """Training forward without an autograd node (nothing requires grad): the custom op while
     compiling, else a direct call on ``backend`` (resolved here when None)."""
-    if torch.compiler.is_compiling():
+    if through_ops():
         return batch_norm_train(*args)
     return _train_impl(*args, backend=backend)
 
 
 def batch_norm_eval_no_grad(*args, backend=None):
     """Eval forward without an autograd node (nothing requires grad)."""
-    if torch.compiler.is_compiling():
+    if through_ops():
         return batch_norm_eval(*args)
     return _eval_impl(*args, backend=backend)

@@ -28,6 +28,7 @@ import threading
 
 import torch
 from torch import Tensor
+from torch.utils import _python_dispatch
 
 
 def output_like(x: Tensor, dtype: torch.dtype | None = None, device=None) -> Tensor:
@@ -69,6 +70,8 @@ _MIN_FLOATS, _MIN_COUNTERS = 1 << 16, 1024
 def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
     """A float32 buffer of at least ``floats`` elements and an int32 buffer of at least
     ``counters`` zeros on ``device`` (with its index), for the calling thread's current stream."""
+    if _python_dispatch._get_current_dispatch_mode() is not None:
+        return _fresh(device, floats, counters)  # a fake mode's tensors must not be cached
     if device.type != "cuda":  # the Triton interpreter and the CPU emulation: no streams
         return _cached((device, threading.get_ident()), device, floats, counters, None)
     switch = device.index is not None and device.index != torch.cuda.current_device()

@@ -72,11 +72,12 @@ def _stock_only(x: Tensor, *params: Optional[Tensor]) -> bool:
 def _eager_backend(x: Tensor):
     """The backend serving ``x`` in an eager call (resolved once and handed down to the
     autograd Functions, which keep it for the backward), or None while a graph is being
-    compiled: compiled graphs keep the custom ops, which resolve it at run time. Where the
+    compiled or tensors are fake: those calls keep the custom ops, which resolve it at run
+    time. Where the
     torch backend would run PyTorch's own batch-norm kernel anyway, the callers call that
     kernel directly: PyTorch's C++ autograd node costs less than a Python
     ``autograd.Function`` (~17 µs a call on CPU)."""
-    if torch.compiler.is_compiling():
+    if _function.through_ops():
         return None
     return get_backend(x)
 

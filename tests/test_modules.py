@@ -638,3 +638,24 @@ def test_strided_parameters_on_features(backend, training):
                             ("running_mean", rm, rm_r), ("running_var", rv, rv_r)]:
         assert_close(ours.detach(), ref.detach(), 1e-4, what)
     assert rm.data_ptr() == bufs[2].data_ptr()  # still the view, updated in place
+
+
+@pytest.mark.parametrize("numel", ["small", "large"])
+def test_fake_tensor_mode_then_real_steps(backend, numel):
+    """A forward and backward under FakeTensorMode (memory / shape estimation) go through the
+    custom ops' fake implementations, and leave no fake tensor in a cache: the real steps
+    after it match stock (a fake scratch buffer or workspace, cached, broke every later call;
+    Triton's fake forward itself failed)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    shape = (4, 4, 5, 5) if numel == "small" or backend == "triton" else (16, 4, 64, 64)
+    with FakeTensorMode():
+        fake = FastPreciseBN2d(4, device=DEVICE)
+        x = torch.empty(*shape, device=DEVICE, requires_grad=True)
+        y = fake(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+        fake.accumulator = fastpbn.WelfordState(4, DEVICE)
+        fake(x)
+    stock, ours = make_pair(2, 4)
+    check_step(stock, ours, shifted(*shape), "randn")
