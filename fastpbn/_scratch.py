@@ -28,7 +28,6 @@ import threading
 
 import torch
 from torch import Tensor
-from torch.utils import _python_dispatch
 
 
 def output_like(x: Tensor, dtype: torch.dtype | None = None, device=None) -> Tensor:
@@ -62,6 +61,18 @@ def _dense(x: Tensor) -> bool:
     return True
 
 
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k)
+                       for k in ("FAKE", "PROXY", "FUNCTIONAL")
+                       if hasattr(torch._C._TorchDispatchModeKey, k))
+
+
+def caching_allowed() -> bool:
+    """Whether a buffer made now may be kept for later calls: not while a fake, proxy or
+    functional mode is active, whose tensors would then poison every later real call (other
+    dispatch modes, profilers and checkpointing policies, make real tensors)."""
+    return all(torch._C._get_dispatch_mode(k) is None for k in _TRACING_MODES)
+
+
 _cache: dict[tuple, tuple[Tensor, Tensor]] = {}
 _alloc_streams: dict[torch.device, torch.cuda.Stream] = {}
 _MIN_FLOATS, _MIN_COUNTERS = 1 << 16, 1024
@@ -70,8 +81,8 @@ _MIN_FLOATS, _MIN_COUNTERS = 1 << 16, 1024
 def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
     """A float32 buffer of at least ``floats`` elements and an int32 buffer of at least
     ``counters`` zeros on ``device`` (with its index), for the calling thread's current stream."""
-    if _python_dispatch._get_current_dispatch_mode() is not None:
-        return _fresh(device, floats, counters)  # a fake mode's tensors must not be cached
+    if not caching_allowed():
+        return _fresh(device, floats, counters)
     if device.type != "cuda":  # the Triton interpreter and the CPU emulation: no streams
         return _cached((device, threading.get_ident()), device, floats, counters, None)
     switch = device.index is not None and device.index != torch.cuda.current_device()

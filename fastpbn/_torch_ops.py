@@ -12,9 +12,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.utils import _python_dispatch
 
-from ._scratch import output_like
+from ._scratch import caching_allowed, output_like
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
@@ -53,8 +52,7 @@ def _work_dtype(x: Tensor) -> torch.dtype:
 def _thread_buffer(kind: str, dtype: torch.dtype, need: int) -> Tensor:
     """This thread's grow-only CPU buffer ``kind`` of ``dtype``, at least ``need`` values long;
     made outside inference mode, so it is usable in and out of it."""
-    if _python_dispatch._get_current_dispatch_mode() is not None:
-        # a fake (or other dispatch) mode would cache its own kind of tensor for later calls
+    if not caching_allowed():
         return torch.empty(need, dtype=dtype, device="cpu")
     cache = _local.__dict__.setdefault(kind, {})
     buf = cache.get(dtype)

@@ -27,10 +27,13 @@ def _check_input(x: Tensor, name: str = "input") -> None:
 
 
 def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
-    """Size, device and dtype of the per-channel tensors, by PyTorch's rule for dtypes: they
-    share one, the input's or (for a float16/bfloat16 input) float32."""
+    """Size, device and dtype of the per-channel tensors. Dtypes by PyTorch's CUDA rule:
+    weight and bias share one, and so do the running statistics, each the input's or (for a
+    float16/bfloat16 input) float32 -- e.g. bfloat16 parameters with float32 running stats, as
+    FSDP's mixed precision leaves them (PyTorch's CPU kernels want all four alike, and refuse
+    the rest themselves where they serve the call)."""
     c = x.shape[1]
-    first = None
+    first: dict[str, tuple[str, torch.dtype]] = {}
     for name, t in per_channel.items():
         if t is None:
             continue
@@ -39,15 +42,15 @@ def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
             raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
         if t.device != x.device:
             raise RuntimeError(f"{name} is on {t.device} but input is on {x.device}")
-        if first is None:
-            first = name, t.dtype
+        group = "running statistics" if name.startswith("running") else "weight and bias"
+        if group not in first:
+            first[group] = name, t.dtype
             if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _HALF):
-                raise RuntimeError(f"{name} is {t.dtype} but input is {x.dtype}: weight, bias "
-                                   "and running statistics take the input's dtype (or float32 "
-                                   "for a float16/bfloat16 input)")
-        elif t.dtype != first[1]:
-            raise RuntimeError(f"{name} is {t.dtype} but {first[0]} is {first[1]}: weight, "
-                               "bias and running statistics share one dtype")
+                raise RuntimeError(f"{name} is {t.dtype} but input is {x.dtype}: {group} take "
+                                   "the input's dtype (or float32 for a float16/bfloat16 input)")
+        elif t.dtype != first[group][1]:
+            raise RuntimeError(f"{name} is {t.dtype} but {first[group][0]} is "
+                               f"{first[group][1]}: {group} share one dtype")
 
 
 def _verify_batch_size(x: Tensor) -> None:
@@ -129,12 +132,13 @@ def batch_norm_train(
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)
     backend = _eager_backend(input)
-    if num_batches_tracked is not None:
+    stock_only = backend is not None and _stock_only(input, weight, bias)
+    if stock_only and accumulator is not None:
+        raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
+                           "torch.jit.trace, torch.func transforms or forward-mode AD")
+    if num_batches_tracked is not None:  # the call is accepted: count it, as stock does
         num_batches_tracked.add_(1)
-    if backend is not None and _stock_only(input, weight, bias):
-        if accumulator is not None:
-            raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
-                               "torch.jit.trace, torch.func transforms or forward-mode AD")
+    if stock_only:
         return _torch_ops.native_forward_train(*args[:8])
     if (backend is not None and backend.name == "torch" and accumulator is None
             and backend.native_train(input)):

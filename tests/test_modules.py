@@ -536,6 +536,7 @@ def test_forward_ad_elsewhere_leaves_other_layers_on_fastpbn():
         with pytest.raises(RuntimeError, match="accumulator"):
             layer(dual)
     assert (layer.accumulator.count == 4 * 25).all()
+    assert layer.num_batches_tracked.item() == 1  # the refused call is not counted
 
 
 def test_a_refused_call_is_not_counted(backend):
@@ -570,6 +571,10 @@ def test_parameter_dtypes_follow_stock(backend, accumulate):
         assert ours.num_batches_tracked.item() == 0 and (ours.running_mean == 0).all()
         if accumulate:
             assert (ours.accumulator.count == 0).all()
+    mixed = FastPreciseBN2d(3).to(DEVICE)
+    mixed.bias.data = mixed.bias.double()
+    with pytest.raises(RuntimeError, match="bias is torch.float64 but weight is"):
+        mixed(shifted(4, 3, 5, 5))
     mixed = FastPreciseBN2d(3).to(DEVICE)
     mixed.running_var.data = mixed.running_var.double()
     with pytest.raises(RuntimeError, match="running_var is torch.float64 but running_mean is"):
@@ -657,5 +662,40 @@ def test_fake_tensor_mode_then_real_steps(backend, numel):
         assert y.shape == x.shape and x.grad.shape == x.shape
         fake.accumulator = fastpbn.WelfordState(4, DEVICE)
         fake(x)
+        fake.accumulator = None
+        y = fake(x)
+    y.sum().backward()  # the fake forward's backward, run after the mode: still fake
     stock, ours = make_pair(2, 4)
     check_step(stock, ours, shifted(*shape), "randn")
+
+
+def test_bfloat16_parameters_with_float32_running_stats(backend):
+    """What FSDP's mixed precision leaves: bfloat16 input, weight and bias, float32 running
+    statistics. PyTorch's CUDA kernels take it, its CPU kernels refuse it; fastpbn's own
+    kernels take it, and where PyTorch's kernel serves the call its verdict stands."""
+    torch.manual_seed(5)
+    stock, ours = make_pair(2, 3)
+    for m in (stock, ours):
+        m.weight.data, m.bias.data = m.weight.data.bfloat16(), m.bias.data.bfloat16()
+    x = shifted(4, 3, 5, 5).bfloat16()
+    try:
+        ys = stock(x.clone().requires_grad_())
+    except RuntimeError:
+        ys = None
+    if ys is None and backend != "triton":
+        with pytest.raises(RuntimeError):
+            ours(x)
+        return
+    xr = x.double().requires_grad_()
+    w, b = (t.detach().double().requires_grad_() for t in (stock.weight, stock.bias))
+    rm0, rv0 = ours.running_mean.double(), ours.running_var.double()
+    yr, rm, rv = batch_norm_reference(xr, rm0, rv0, w, b, True, 0.1, 1e-5)
+    xo = x.clone().requires_grad_()
+    yo = ours(xo)
+    yo.float().sum().backward()
+    yr.sum().backward()
+    assert yo.dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.bfloat16
+    assert_close(yo, yr, 2e-2, "y")
+    assert_close(ours.running_mean, rm, 1e-5, "running_mean")
+    assert_close(ours.running_var, rv, 1e-5, "running_var")
+    assert_close(ours.bias.grad, b.grad, 2e-2, "bias grad")

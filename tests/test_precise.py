@@ -1021,6 +1021,30 @@ def test_compiled_model_statistics_are_keyed_by_the_original_names():
     update_bn_stats(compiled.train(), batches, num_iters=2)
 
 
+def test_model_compiled_in_place_runs_the_pass_eagerly():
+    """``model.compile()`` sets no ``_orig_mod``: the compiler's force_eager stance keeps the
+    pass from compiling graphs of its own (torch >= 2.6)."""
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip("torch < 2.6 has no compiler stance")
+    torch._dynamo.reset()
+    torch.manual_seed(50)
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = SharedHead()
+    model.compile(backend=counting_backend)
+    model(shifted(8, 1, 8, 8))
+    compiled = len(graphs)
+    assert compiled >= 1
+    batches = [shifted(8, 1, 8, 8) for _ in range(3)]
+    stats = recompute_bn_stats(model, batches, apply=False, estimator="batch_mean")
+    update_bn_stats(model.train(), batches, num_iters=3)
+    assert len(graphs) == compiled and list(stats) == ["head_bn"]
+
+
 def test_compiled_model_runs_the_pass_eagerly():
     """The pass switches modes and layer forwards: run through the compiled wrapper, it made
     the compiler trace a graph for the pass alone (and warn of graph breaks on CPU). The
@@ -1056,10 +1080,14 @@ class _Counting(nn.Module):
         super().__init__()
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
         self.register_buffer("avg", torch.zeros(1))
+        self.register_buffer("seen", torch.zeros(()))
+        with torch.inference_mode():  # a cache made in inference mode: no pass can write it
+            self.register_buffer("cache", torch.ones(2), persistent=False)
 
     def forward(self, x):
         self.calls += 1
         self.avg.mul_(0.9).add_(0.1 * x.mean())
+        self.seen = self.seen + 1  # replaced, not written
         return x
 
 
@@ -1070,6 +1098,7 @@ def test_buffers_the_forward_writes_are_put_back():
     model = nn.Sequential(_Counting(), nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3))
     model(shifted(8, 1, 6, 6))
     before = snapshot(model)
+    seen = model[0].seen
     batches = [shifted(8, 1, 6, 6) for _ in range(3)]
     recompute_bn_stats(model, batches, apply=False)
     assert_unchanged(model, before)
@@ -1079,6 +1108,7 @@ def test_buffers_the_forward_writes_are_put_back():
     assert_unchanged(model, before)
     stats = recompute_bn_stats(model, batches)  # applied: the BN layer's buffers change, only
     assert model[0].calls.item() == 1 and torch.equal(model[0].avg, before[0]["0.avg"])
+    assert model[0].seen is seen and seen.item() == 1
     assert torch.equal(model[2].running_var, stats["2"].var.float())
     update_bn_stats(model.train(), batches, num_iters=3)
     assert model[0].calls.item() == 1

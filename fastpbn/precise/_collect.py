@@ -14,6 +14,7 @@ normalizes; a stock one is measured at its input, by the pre-hook.
 
 from __future__ import annotations
 
+import contextlib
 import types
 from typing import Callable, Optional, Sequence, Union
 
@@ -53,9 +54,18 @@ def has_running_stats(m: nn.Module) -> bool:
 
 
 def layer_root(model: nn.Module) -> nn.Module:
-    """The module whose names key the statistics: a ``torch.compile``d model's original one
-    (so its statistics apply to either)."""
+    """The module whose names key the statistics and that runs the pass: a
+    ``torch.compile``d model's original one (so its statistics apply to either)."""
     return getattr(model, "_orig_mod", model)
+
+
+def eager_stance():
+    """A context in which compiled code runs eagerly (the compiler's "force_eager" stance,
+    torch >= 2.6): the pass switches modes and layer forwards, so a model compiled in place
+    (``model.compile()``), a compiled submodule or a wrapped compiled model would otherwise
+    compile graphs for the pass alone."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    return contextlib.nullcontext() if set_stance is None else set_stance("force_eager")
 
 
 def select_layers(model: nn.Module, layers: LayerSelection) -> list[tuple[str, nn.Module]]:
@@ -209,7 +219,8 @@ class PassState:
     hook this object registered, and puts back a copy of every buffer of the model: the
     selected layers do not write theirs, but a BN subclass may ignore ``track_running_stats``,
     and another module may write its own in ``forward`` whatever its mode (a call counter, an
-    input average).
+    input average; one it replaces gets its original object back). Meta buffers and
+    inference tensors, which no pass can write, are left out.
     """
 
     def __init__(self, model: nn.Module, layers: list[tuple[str, nn.Module]]):
@@ -230,8 +241,8 @@ class PassState:
         # or move it): their forward runs as it is
         self.wrapped = {id(m) for m, f in self.forwards if f is not _MISSING}
         self.flat: Optional[FlatStats] = None
-        self.buffers = [(b, b.clone()) for b in model.buffers()
-                        if not isinstance(b, UninitializedBuffer)]
+        self.buffers = [(m, name, b, _backup(b)) for m in model.modules()
+                        for name, b in m._buffers.items() if _restorable(b)]
         self.handles: list = []
 
     def enter(self, set_modes: bool) -> None:
@@ -309,8 +320,28 @@ class PassState:
             else:
                 m.accumulator = acc
         with torch.no_grad():
-            for b, saved in self.buffers:
+            for m, name, b, saved in self.buffers:
+                if m._buffers.get(name) is not b:  # replaced, not written: the original back
+                    m._buffers[name] = b
                 b.copy_(saved)
+
+
+# buffers above this size are backed up in host memory: a model's large non-BN buffer (a
+# lookup table, an attention mask) must not cost a second copy on the accelerator
+_BACKUP_ON_DEVICE_MAX_BYTES = 1 << 20
+
+
+def _restorable(b: Optional[Tensor]) -> bool:
+    """A buffer the pass can back up and write back: not an uninitialized (lazy) or meta
+    one, nor an inference tensor (which no code outside inference mode can write)."""
+    return (b is not None and not isinstance(b, UninitializedBuffer) and not b.is_meta
+            and not b.is_inference())
+
+
+def _backup(b: Tensor) -> Tensor:
+    if b.numel() * b.element_size() > _BACKUP_ON_DEVICE_MAX_BYTES and b.device.type != "cpu":
+        return b.detach().to("cpu", copy=True)
+    return b.detach().clone()
 
 
 def _flat_eligible(m: nn.Module, acc: LayerAccumulator) -> bool:

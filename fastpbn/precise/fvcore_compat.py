@@ -9,7 +9,14 @@ from typing import Any, Iterable, Optional
 import torch
 from torch import nn
 
-from ._collect import CallTracker, LayerAccumulator, PassState, has_running_stats, layer_root
+from ._collect import (
+    CallTracker,
+    LayerAccumulator,
+    PassState,
+    eager_stance,
+    has_running_stats,
+    layer_root,
+)
 from .population import PopulationStats
 
 # fvcore's BN_MODULE_TYPES (FastPreciseBN layers are subclasses, so they count too)
@@ -68,7 +75,7 @@ def update_bn_stats(
         from tqdm.auto import tqdm
 
         ran = 0
-        with torch.no_grad():
+        with torch.no_grad(), eager_stance():
             for inputs in tqdm(itertools.islice(data_loader, num_iters), total=num_iters,
                                disable=progress != "tqdm"):
                 tracker.begin_forward()

@@ -21,6 +21,7 @@ from ._collect import (
     LayerAccumulator,
     LayerSelection,
     PassState,
+    eager_stance,
     layer_root,
     select_layers,
 )
@@ -66,9 +67,10 @@ def recompute_bn_stats(
 
     Args:
         model: the model; its BN layers' names in ``named_modules()`` key the result. A
-            ``torch.compile``d model's original module runs the pass, eagerly (the pass
-            switches modes and layer forwards: the compiler would trace and compile a graph
-            for the pass alone) and keys the result.
+            ``torch.compile``d model's original module runs the pass and keys the result;
+            compiled code runs eagerly during the pass (torch >= 2.6 for a model compiled in
+            place or a compiled submodule): the pass switches modes and layer forwards, and
+            the compiler would trace and compile graphs for the pass alone.
         data: an iterable of items (tensor; tuple/list: first element; dict: the first of
             "input", "inputs", "image", "images", "img", "x").
         num_samples: use exactly this many samples (the item that crosses it is cut); the
@@ -175,7 +177,8 @@ def recompute_bn_stats(
                                                 max_items, batch_size is None), device),
                          batch_size)
         forward = Forward(root, forward_fn, tracker, device if cuda_graph else None)
-        with torch.no_grad():  # not inference_mode: tensors a model caches must stay usable
+        # not inference_mode: tensors a model caches must stay usable
+        with torch.no_grad(), eager_stance():
             run = _run(source, forward, accs, tracker, state, tol, tol_every, progress,
                        max_samples, stop_early, auto_stop, batch_size, group, distributed)
         samples, batches, converged = _check_run(run, accs, num_samples, num_batches, tol,
