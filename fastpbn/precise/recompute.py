@@ -67,7 +67,8 @@ def recompute_bn_stats(
 
     Args:
         model: the model; its BN layers' names in ``named_modules()`` key the result. A
-            ``torch.compile``d model's original module runs the pass and keys the result;
+            ``torch.compile``d model's original module runs the pass and keys the result
+            (hooks registered on the compiled wrapper itself do not run);
             compiled code runs eagerly during the pass (torch >= 2.6 for a model compiled in
             place or a compiled submodule): the pass switches modes and layer forwards, and
             the compiler would trace and compile graphs for the pass alone.
