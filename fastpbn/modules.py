@@ -9,10 +9,11 @@ backends. Three differences a user can rely on:
 * ``layer.accumulator`` may hold a :class:`fastpbn.WelfordState`; while it does, every training
   forward also merges its batch statistics into it, inside the statistics kernel. This is how
   precise statistics are gathered without a second pass over the activations;
-* a call refused for bad input (a wrong channel count or dtype, a backend that refuses the
-  input) leaves ``num_batches_tracked`` as it was; stock BatchNorm counts it. (A call that
-  gets as far as the kernel counts, as in stock: activation checkpointing's early stop of a
-  recomputed forward, which raises after the kernel, sees stock's counts.)
+* a call refused for bad input (a wrong channel count, a dtype outside PyTorch's CUDA rule,
+  a backend that refuses the input) leaves ``num_batches_tracked`` as it was; stock
+  BatchNorm counts it. (A call that gets as far as the kernel counts, as in stock:
+  activation checkpointing's early stop of a recomputed forward, which raises after the
+  kernel, sees stock's counts.)
 
 Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.fx.symbolic_trace``,
 ``torch.func`` transforms and forward-mode AD the layers run PyTorch's own kernel, with stock

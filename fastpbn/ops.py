@@ -30,8 +30,9 @@ def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
     """Size, device and dtype of the per-channel tensors. Dtypes by PyTorch's CUDA rule:
     weight and bias share one, and so do the running statistics, each the input's or (for a
     float16/bfloat16 input) float32 -- e.g. bfloat16 parameters with float32 running stats, as
-    FSDP's mixed precision leaves them (PyTorch's CPU kernels want all four alike, and refuse
-    the rest themselves where they serve the call)."""
+    FSDP's mixed precision leaves them (PyTorch's CPU kernels also want weight/bias and the
+    running stats to share one dtype, and refuse the rest themselves where they serve the
+    call)."""
     c = x.shape[1]
     first: dict[str, tuple[str, torch.dtype]] = {}
     for name, t in per_channel.items():

@@ -3,7 +3,8 @@ and regrouping loader batches into normalization batches of a chosen size.
 
 Model inputs are a tensor or a nested tuple/list/dict of tensors whose dim 0 is the batch (the
 same size in all of them); other leaves (strings, ints, 0-d tensors) ride along unchanged and
-are taken from the first loader batch when batches are concatenated.
+are taken from the first loader batch when batches are concatenated. A list of per-sample
+tensors is not a batch; one whose tensors share a shape cannot be told from one.
 """
 
 from __future__ import annotations

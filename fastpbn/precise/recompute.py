@@ -93,8 +93,10 @@ def recompute_bn_stats(
             normalizes (through ``FastPreciseBN.forward``), any other such layer on its input.
         input_fn: ``input_fn(item)`` -> model input: a tensor or a structure (tuples,
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
-            of them (a list of per-sample images is not a batch); 0-d tensors and other
-            leaves ride along, taken from the first loader batch when batches are joined.
+            of them; 0-d tensors and other leaves ride along, taken from the first loader
+            batch when batches are joined. A list of per-sample images is not a batch, and
+            one whose images share a shape cannot be told from one (it would be counted by
+            the images' dim 0): stack it in ``input_fn`` (a ragged one gets an error).
         forward_fn: ``forward_fn(model, inputs)`` runs the model (a compiled model's
             original module); default ``model(inputs)``.
         device: where inputs go (non-blocking copies from pinned memory, overlapped with the
