@@ -88,3 +88,23 @@ def test_gpu_two_graphs_replayed_concurrently(backend_name):
         for x, y in zip(xs, ys):
             ref = batch_norm_reference(x.cpu(), None, None, None, None, True, 0.0, 1e-5)[0]
             torch.testing.assert_close(y.cpu().double(), ref, rtol=0, atol=1e-4)
+
+
+def test_cached_under_other_dispatch_modes_not_under_fake_ones():
+    """Profilers and checkpoint policies run dispatch modes over real tensors: the scratch
+    stays cached there (it was reallocated per call, 3x slower). A fake mode's tensors must
+    never be cached."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class PassThrough(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    cpu = torch.device("cpu")
+    with PassThrough():
+        first = _scratch.workspace(cpu, 100, 4)
+        assert _scratch.workspace(cpu, 100, 4)[0] is first[0]
+    with FakeTensorMode():
+        fake = _scratch.workspace(cpu, 100, 4)
+    assert fake[0] is not first[0] and _scratch.workspace(cpu, 100, 4)[0] is first[0]
