@@ -1021,19 +1021,25 @@ def test_compiled_model_statistics_are_keyed_by_the_original_names():
     update_bn_stats(compiled.train(), batches, num_iters=2)
 
 
-def test_model_compiled_in_place_runs_the_pass_eagerly():
-    """``model.compile()`` sets no ``_orig_mod``: the compiler's force_eager stance keeps the
-    pass from compiling graphs of its own (torch >= 2.6)."""
-    if not hasattr(torch.compiler, "set_stance"):
-        pytest.skip("torch < 2.6 has no compiler stance")
+def _graph_counter():
+    """(graphs, backend): a fresh dynamo and a compiler backend that records every graph."""
     torch._dynamo.reset()
-    torch.manual_seed(50)
     graphs = []
 
     def counting_backend(gm, example_inputs):
         graphs.append(gm)
         return gm.forward
 
+    return graphs, counting_backend
+
+
+def test_model_compiled_in_place_runs_the_pass_eagerly():
+    """``model.compile()`` sets no ``_orig_mod``: the compiler's force_eager stance keeps the
+    pass from compiling graphs of its own (torch >= 2.6)."""
+    if not hasattr(torch.compiler, "set_stance"):
+        pytest.skip("torch < 2.6 has no compiler stance")
+    torch.manual_seed(50)
+    graphs, counting_backend = _graph_counter()
     model = SharedHead()
     model.compile(backend=counting_backend)
     model(shifted(8, 1, 8, 8))
@@ -1049,14 +1055,8 @@ def test_compiled_model_runs_the_pass_eagerly():
     """The pass switches modes and layer forwards: run through the compiled wrapper, it made
     the compiler trace a graph for the pass alone (and warn of graph breaks on CPU). The
     original module runs it instead, with the same statistics, stop_early included."""
-    torch._dynamo.reset()
     torch.manual_seed(46)
-    graphs = []
-
-    def counting_backend(gm, example_inputs):
-        graphs.append(gm)
-        return gm.forward
-
+    graphs, counting_backend = _graph_counter()
     model = convert_model(nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(),
                                         nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
     compiled = torch.compile(model, backend=counting_backend)
