@@ -144,8 +144,9 @@ def _(grad_out, x, weight, mean, invstd, training, output_mask):
 def _grads(ctx, grad_out, x, weight, mean, invstd, training):
     mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
             ctx.needs_input_grad[2]]
-    if through_ops() or ctx.backend is None:  # (None: the forward went through the ops, as
-        # under a fake mode whose tensors this backward, run after it, gets)
+    # ctx.backend None: the forward went through the ops (under a fake mode, say), and so
+    # must its backward, even when it runs after the mode has ended
+    if through_ops() or ctx.backend is None:
         dx, dw, db = batch_norm_backward(grad_out, x, weight, mean, invstd, training, mask)
     elif torch.is_grad_enabled():
         # backward(create_graph=True): PyTorch's backward kernel, which has a derivative

@@ -77,9 +77,8 @@ def _eager_backend(x: Tensor):
     """The backend serving ``x`` in an eager call (resolved once and handed down to the
     autograd Functions, which keep it for the backward), or None while a graph is being
     compiled or tensors are fake: those calls keep the custom ops, which resolve it at run
-    time. Where the
-    torch backend would run PyTorch's own batch-norm kernel anyway, the callers call that
-    kernel directly: PyTorch's C++ autograd node costs less than a Python
+    time. Where the torch backend would run PyTorch's own batch-norm kernel anyway, the
+    callers call that kernel directly: PyTorch's C++ autograd node costs less than a Python
     ``autograd.Function`` (~17 µs a call on CPU)."""
     if _function.through_ops():
         return None

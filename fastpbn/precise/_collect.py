@@ -4,8 +4,9 @@ the pass's state and back.
 Statistics are gathered without writing any buffer: selected layers run with
 ``track_running_stats=False`` (batch statistics, no EMA update, no ``num_batches_tracked``
 increment) while FastPreciseBN layers merge each batch into ``layer.accumulator`` inside their
-statistics kernel and other BN layers feed a forward pre-hook. So an interrupted pass leaves
-every buffer as it was, and restoring the model is resetting a few attributes. Subclasses,
+statistics kernel and other BN layers feed a forward pre-hook. Restoring the model is
+resetting a few attributes and writing back a copy of the model's buffers (which the selected
+layers leave alone, but other modules may write in ``forward``). Subclasses,
 and layers whose ``forward`` was replaced on the instance (a wrapper), keep their own
 ``forward`` (only the other exact stock and FastPreciseBN layers get the pass's fast
 forwards): a FastPreciseBN layer among them accumulates whatever ``FastPreciseBN.forward``
