@@ -1,11 +1,12 @@
-"""Autograd for batch norm: three ``torch.library`` custom ops dispatched to the backend,
-wrapped in ``autograd.Function``s.
+"""Autograd for batch norm: ``autograd.Function``s over the backends, and two
+``torch.library`` custom ops for the training forward and the backward.
 
-``fastpbn::batch_norm_train`` (mutates the running stats and the optional float64 accumulator),
-``fastpbn::batch_norm_eval`` and ``fastpbn::batch_norm_backward``. Being custom ops with fake
-(meta) implementations, they trace into ``torch.compile(fullgraph=True)`` graphs without breaks;
-the backend is chosen inside the op, at run time. (A mutating custom op cannot carry its own
-autograd formula, hence the Functions.)
+``fastpbn::batch_norm_train`` (mutates the running stats and the optional float64 accumulator)
+and ``fastpbn::batch_norm_backward``: being custom ops with fake (meta) implementations, they
+trace into ``torch.compile(fullgraph=True)`` graphs without breaks; the backend is chosen
+inside the op, at run time. (A mutating custom op cannot carry its own autograd formula, hence
+the Functions.) The eval forward has no op: compiled, exported and fake calls record
+PyTorch's own (``fastpbn.ops.batch_norm``).
 """
 
 from __future__ import annotations
@@ -79,28 +80,11 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
     )
 
 
-@torch.library.custom_op("fastpbn::batch_norm_eval", mutates_args=())
-def batch_norm_eval(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Tensor,
-    running_var: Tensor,
-    eps: float,
-) -> Tensor:
-    return _eval_impl(x, weight, bias, running_mean, running_var, eps)
-
-
 def _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=None):
     if x.numel() == 0:
         return output_like(x)
     return (backend or get_backend(x)).forward_eval(x, weight, bias, running_mean, running_var,
                                                    eps)
-
-
-@batch_norm_eval.register_fake
-def _(x, weight, bias, running_mean, running_var, eps):
-    return output_like(x)
 
 
 @torch.library.custom_op("fastpbn::batch_norm_backward", mutates_args=())
@@ -193,8 +177,6 @@ class BatchNormEval(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, backend=None):
         ctx.save_for_backward(x, weight, running_mean, running_var)
         ctx.eps, ctx.backend = eps, backend
-        if through_ops():
-            return batch_norm_eval(x, weight, bias, running_mean, running_var, eps)
         return _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=backend)
 
     @staticmethod
@@ -216,6 +198,4 @@ def batch_norm_train_no_grad(*args, backend=None):
 
 def batch_norm_eval_no_grad(*args, backend=None):
     """Eval forward without an autograd node (nothing requires grad)."""
-    if through_ops():
-        return batch_norm_eval(*args)
     return _eval_impl(*args, backend=backend)

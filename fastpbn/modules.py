@@ -15,10 +15,12 @@ backends. Three differences a user can rely on:
   activation checkpointing's early stop of a recomputed forward, which raises after the
   kernel, sees stock's counts.)
 
-Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.fx.symbolic_trace``,
-``torch.func`` transforms and forward-mode AD the layers run PyTorch's own kernel, with stock
-semantics (those tools record or transform PyTorch's ops only; an ``accumulator`` is refused
-there); ``torch.compile`` traces fastpbn's custom ops.
+Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.func`` transforms and
+forward-mode AD the layers run PyTorch's own kernel, with stock semantics (those tools record or
+transform PyTorch's ops only; an ``accumulator`` is refused there). ``torch.fx.symbolic_trace``
+records a layer as one module call, as it records a stock BN layer (a leaf): the graph runs the
+layer itself, in the mode it is in at run time. ``torch.compile`` and ``torch.export`` trace
+fastpbn's custom op in training and PyTorch's own op in eval (see ``fastpbn.ops.batch_norm``).
 """
 
 from __future__ import annotations
@@ -28,13 +30,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import _symbolic_trace
+from torch.fx import Proxy
 
 from . import ops
 from .stats import WelfordState
-
-# looked up once: _fx_tracing runs on every forward
-_is_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None)
 
 
 class _FastPreciseBNMixin:
@@ -50,7 +49,11 @@ class _FastPreciseBNMixin:
     def forward(self, input: Tensor) -> Tensor:
         fx = False
         if not torch.jit.is_scripting():  # (TorchScript does not compile this block)
-            fx = _fx_tracing(self, input)
+            if isinstance(input, Proxy):  # an FX tracer has traced into the layer
+                call = _fx_module_call(self, input)
+                if call is not None:
+                    return call
+                fx = True
         if not fx:  # FX proxies carry no shape to check
             self._check_input_dim(input)
         momentum: Optional[float] = self.momentum
@@ -72,8 +75,9 @@ class _FastPreciseBNMixin:
             if momentum is None:
                 assert num_batches_tracked is not None
                 if fx:
-                    raise RuntimeError("torch.fx cannot trace a BN layer with momentum=None "
-                                       "(its factor 1/num_batches_tracked changes per call)")
+                    raise RuntimeError("an FX graph that traces into a BN layer with "
+                                       "momentum=None cannot record its factor "
+                                       "1/num_batches_tracked, which changes per call")
                 momentum = 1.0 / float(num_batches_tracked)
             return F.batch_norm(input, running_mean, running_var, self.weight, self.bias,
                                 bn_training, momentum, self.eps)
@@ -82,16 +86,29 @@ class _FastPreciseBNMixin:
 
 
 @torch.jit.unused
-def _fx_tracing(layer: nn.Module, input: Tensor) -> bool:
-    """``torch.fx.symbolic_trace`` is tracing (it traces into modules outside ``torch.nn``;
-    ``input`` is then a proxy). An FX graph cannot carry an accumulator: refused."""
-    if _is_fx_symbolic_tracing is not None:
-        tracing = _is_fx_symbolic_tracing()
-    else:  # older torch: non-strict torch.export sets this flag too (it keeps our ops)
-        tracing = _symbolic_trace.is_fx_tracing() and not torch.compiler.is_compiling()
-    if tracing and getattr(layer, "accumulator", None) is not None:
-        raise RuntimeError("accumulator: torch.fx cannot trace fastpbn's statistics kernels")
-    return tracing
+def _fx_module_call(layer: nn.Module, input: Proxy) -> Optional[Proxy]:
+    """An FX tracer traces into the layer (it traces into every module outside ``torch.nn``):
+    record the layer as one module call where the tracer would keep the stock class it replaces
+    a leaf, as ``torch.fx.symbolic_trace`` and quantization's tracers do. None where it would
+    trace into the stock layer too (a tracer that flattens every module), and for a subclass:
+    the graph then records PyTorch's kernel with the trace's mode, as it would for stock, and
+    cannot carry an accumulator."""
+    tracer = input.tracer
+    cls = type(layer)
+    stock = _STOCK.get(cls)
+    if stock is not None:
+        name = tracer.path_of_module(layer)
+        layer.__class__ = stock  # the tracer's question about the stock layer, exactly
+        try:
+            leaf = tracer.is_leaf_module(layer, name)
+        finally:
+            layer.__class__ = cls
+        if leaf:
+            return tracer.create_proxy("call_module", name, (input,), {})
+    if getattr(layer, "accumulator", None) is not None:
+        raise RuntimeError("accumulator: an FX graph that traces into the layer cannot carry "
+                           "fastpbn's statistics kernels")
+    return None
 
 
 @torch.jit.unused
@@ -130,6 +147,7 @@ _REPLACEMENTS = {
     nn.BatchNorm2d: FastPreciseBN2d,
     nn.BatchNorm3d: FastPreciseBN3d,
 }
+_STOCK = {new: old for old, new in _REPLACEMENTS.items()}
 
 
 def convert_model(module: nn.Module) -> nn.Module:
@@ -162,9 +180,8 @@ def revert_model(module: nn.Module) -> nn.Module:
     Returns:
         ``module``.
     """
-    stock = {new: old for old, new in _REPLACEMENTS.items()}
     for m in module.modules():
-        old = stock.get(type(m))
+        old = _STOCK.get(type(m))
         if old is not None:
             m.__class__ = old
             m.__dict__.pop("accumulator", None)

@@ -22,6 +22,11 @@ def _check_input(x: Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} must be a Tensor, got {type(x).__name__}")
     if x.dim() < 2:
         raise ValueError(f"{name} must have shape (N, C, *), got {tuple(x.shape)}")
+    if x.is_quantized:  # a quantized model whose fastpbn layers quantization did not swap
+        raise TypeError(
+            f"{name} is a quantized tensor ({x.dtype}): fastpbn normalizes floating-point "
+            "tensors. torch.ao.quantization knows BN layers by their exact class; call "
+            "fastpbn.revert_model(model) before preparing the model for quantization")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
@@ -76,8 +81,8 @@ def _stock_only(x: Tensor, *params: Optional[Tensor]) -> bool:
 def _eager_backend(x: Tensor):
     """The backend serving ``x`` in an eager call (resolved once and handed down to the
     autograd Functions, which keep it for the backward), or None while a graph is being
-    compiled or tensors are fake: those calls keep the custom ops, which resolve it at run
-    time. Where the torch backend would run PyTorch's own batch-norm kernel anyway, the
+    compiled or tensors are fake: training calls then keep the custom ops, which resolve it at
+    run time. Where the torch backend would run PyTorch's own batch-norm kernel anyway, the
     callers call that kernel directly: PyTorch's C++ autograd node costs less than a Python
     ``autograd.Function`` (~17 µs a call on CPU)."""
     if _function.through_ops():
@@ -180,7 +185,11 @@ def batch_norm(
     )
     args = (input, weight, bias, running_mean, running_var, eps)
     backend = _eager_backend(input)
-    if backend is not None and (backend.name == "torch" or _stock_only(input, weight, bias)):
+    # compiled, exported and fake calls record PyTorch's op: the compiler folds it into a
+    # preceding convolution or fuses it with its neighbours, and exporters (ONNX,
+    # AOTInductor) and programs loaded without fastpbn know it; fastpbn's eval kernel would
+    # add nothing there
+    if backend is None or backend.name == "torch" or _stock_only(input, weight, bias):
         return _torch_ops.forward_eval(*args)
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormEval.apply(*args, backend)

@@ -432,32 +432,96 @@ def _served_shape(backend):
     return (8, 8, 64, 64) if backend == "torch" else (4, 8, 5, 6)
 
 
-@pytest.mark.parametrize("tracer", ["jit.trace", "fx"])
-def test_traced_graphs_record_the_stock_kernel(backend, tracer):
-    """torch.jit.trace and torch.fx.symbolic_trace see PyTorch's own ops only: a converted
-    model records PyTorch's kernel, so the graph updates the running stats once a call and
-    matches stock (jit.trace used to update them twice; FX could not trace at all)."""
+def test_jit_trace_records_the_stock_kernel(backend):
+    """torch.jit.trace sees PyTorch's own ops only: a converted model records PyTorch's
+    kernel, so the graph updates the running stats once a call and matches stock (it used to
+    update them twice)."""
     torch.manual_seed(4)
     stock = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).to(DEVICE)
     ours = fastpbn.convert_model(copy.deepcopy(stock))
     xs = [shifted(*_served_shape(backend)) for _ in range(3)]
-    if tracer == "jit.trace":
-        graph = torch.jit.trace(ours, xs[0], check_trace=False)
-        stock(xs[0])  # tracing ran the forward once
-    else:
-        graph = torch.fx.symbolic_trace(ours)
+    graph = torch.jit.trace(ours, xs[0], check_trace=False)
+    stock(xs[0])  # tracing ran the forward once
     for x in xs[1:]:
         torch.testing.assert_close(graph(x), stock(x))
     state = graph.state_dict()
     for name, buf in stock.state_dict().items():
-        if name in state or tracer != "fx":  # an FX graph keeps no num_batches_tracked
-            torch.testing.assert_close(state[name], buf, msg=name)
-    if tracer == "fx":
-        with pytest.raises(RuntimeError, match="momentum=None"):
-            torch.fx.symbolic_trace(FastPreciseBN2d(8, momentum=None))
-        ours[1].accumulator = fastpbn.WelfordState(8, DEVICE)
-        with pytest.raises(RuntimeError, match="accumulator"):
-            torch.fx.symbolic_trace(ours)
+        torch.testing.assert_close(state[name], buf, msg=name)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_fx_records_the_layer_as_a_module_call(backend, momentum):
+    """torch.fx.symbolic_trace keeps a stock BN layer a leaf (one call_module node); it traced
+    into FastPreciseBN layers and baked the trace's mode into the graph, so a graph traced in
+    training kept normalizing with batch statistics after .eval() (FX quantization-aware
+    training shipped such graphs). Now the graph calls the layer: the mode is the layer's at
+    run time, the state_dict is stock's, momentum=None and an accumulator work."""
+    torch.manual_seed(4)
+    stock = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8, momentum=momentum),
+                          nn.ReLU()).to(DEVICE)
+    ours = fastpbn.convert_model(copy.deepcopy(stock))
+    graphs = [torch.fx.symbolic_trace(m.train()) for m in (stock, ours)]
+    assert [(n.op, n.target) for n in graphs[1].graph.nodes] == \
+        [(n.op, n.target) for n in graphs[0].graph.nodes]
+    assert ("call_module", "1") in [(n.op, n.target) for n in graphs[1].graph.nodes]
+    ours[1].accumulator = fastpbn.WelfordState(8, DEVICE)
+    xs = [shifted(*_served_shape(backend)) for _ in range(3)]
+    for x in xs:
+        torch.testing.assert_close(graphs[1](x), graphs[0](x))
+    assert ours[1].accumulator.count[0].item() == 3 * xs[0].numel() // 8
+    for g in graphs:
+        g.eval()
+    torch.testing.assert_close(graphs[1](xs[0][:2] + 5), graphs[0](xs[0][:2] + 5))
+    ref, got = graphs[0].state_dict(), graphs[1].state_dict()
+    assert list(got) == list(ref)
+    for name in ref:
+        torch.testing.assert_close(got[name], ref[name], msg=name)
+
+
+def test_fx_tracer_that_traces_into_every_module(backend):
+    """A tracer that flattens every module (no leaves; stock BN's input checks stop it) gets
+    F.batch_norm with the trace's mode from FastPreciseBN layers, which then cannot carry an
+    accumulator or momentum=None (the graph could not update them)."""
+
+    class Flat(torch.fx.Tracer):
+        def is_leaf_module(self, m, name):
+            return False
+
+    torch.manual_seed(4)
+    stock = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).to(DEVICE)
+    ours = fastpbn.convert_model(copy.deepcopy(stock))
+    graph = torch.fx.GraphModule(ours, Flat().trace(ours))
+    assert torch.nn.functional.batch_norm in [n.target for n in graph.graph.nodes]
+    for x in [shifted(*_served_shape(backend)) for _ in range(2)]:
+        torch.testing.assert_close(graph(x), stock(x))
+    torch.testing.assert_close(ours[1].running_var, stock[1].running_var)
+    with pytest.raises(RuntimeError, match="momentum=None"):
+        Flat().trace(FastPreciseBN2d(8, momentum=None))
+    ours[1].accumulator = fastpbn.WelfordState(8, DEVICE)
+    with pytest.raises(RuntimeError, match="accumulator"):
+        Flat().trace(ours)
+
+
+def test_fx_quantization_aware_training_gives_batch_independent_int8_model():
+    """FX quantization-aware training (prepare_qat_fx then convert_fx) of a converted model:
+    its int8 model's output for a sample does not depend on the rest of the batch (the BN
+    graph traced in training mode used to keep normalizing with batch statistics)."""
+    from torch.ao.quantization import get_default_qat_qconfig_mapping, quantize_fx
+
+    engine = "fbgemm" if "fbgemm" in torch.backends.quantized.supported_engines else "qnnpack"
+    if engine not in torch.backends.quantized.supported_engines:
+        pytest.skip("no quantized engine")
+    torch.manual_seed(0)
+    model = fastpbn.convert_model(
+        nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())).train()
+    data = [torch.randn(16, 3, 10, 10) * 2 + 1 for _ in range(4)]
+    prepared = quantize_fx.prepare_qat_fx(model, get_default_qat_qconfig_mapping(engine),
+                                          (data[0],))
+    for x in data:
+        prepared(x)
+    int8 = quantize_fx.convert_fx(prepared.eval())
+    x = data[0][:4] + 5
+    torch.testing.assert_close(int8(x)[:1], int8(x[:1]), rtol=0, atol=0)
 
 
 def test_torch_func_transforms_and_forward_ad(backend):
@@ -699,3 +763,27 @@ def test_bfloat16_parameters_with_float32_running_stats(backend):
     assert_close(ours.running_mean, rm, 1e-5, "running_mean")
     assert_close(ours.running_var, rv, 1e-5, "running_var")
     assert_close(ours.bias.grad, b.grad, 2e-2, "bias grad")
+
+
+def test_quantized_input_names_revert_model():
+    """Eager quantization (prepare / convert) swaps stock BN layers by their exact class and
+    leaves FastPreciseBN ones, which then get quantized tensors: the error says why and what
+    to do, instead of a bare dtype complaint."""
+    import torch.ao.quantization as tq
+
+    model = nn.Sequential(tq.QuantStub(), nn.Conv2d(3, 8, 3), FastPreciseBN2d(8),
+                          tq.DeQuantStub()).eval()
+    model.qconfig = tq.get_default_qconfig()
+    tq.prepare(model, inplace=True)
+    model(torch.randn(4, 3, 8, 8))
+    tq.convert(model, inplace=True)
+    with pytest.raises(TypeError, match=r"quantized tensor .*fastpbn\.revert_model"):
+        model(torch.randn(4, 3, 8, 8))
+    # what the error says to do, done before quantizing, works
+    stock = nn.Sequential(tq.QuantStub(), nn.Conv2d(3, 8, 3),
+                          fastpbn.revert_model(FastPreciseBN2d(8)), tq.DeQuantStub()).eval()
+    stock.qconfig = tq.get_default_qconfig()
+    tq.prepare(stock, inplace=True)
+    stock(torch.randn(4, 3, 8, 8))
+    tq.convert(stock, inplace=True)
+    assert stock(torch.randn(4, 3, 8, 8)).dtype == torch.float32
