@@ -39,8 +39,9 @@ def chan_merge_(
 
 
 # Grow-only scratch for the centred copy of x: a fresh multi-MB tensor per call costs more in
-# page faults than the subtraction itself (CPU has no caching allocator). Capped, so a huge
-# activation does not pin memory for the life of the process.
+# page faults than the subtraction itself (CPU has no caching allocator). One byte buffer per
+# thread, whatever the dtype, capped, so a huge activation does not pin memory for the life of
+# the thread.
 _SCRATCH_MAX_BYTES = 1 << 28
 _local = threading.local()  # one scratch per thread: concurrent callers must not share it
 
@@ -49,17 +50,17 @@ def _work_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _thread_buffer(kind: str, dtype: torch.dtype, need: int) -> Tensor:
-    """This thread's grow-only CPU buffer ``kind`` of ``dtype``, at least ``need`` values long;
-    made outside inference mode, so it is usable in and out of it."""
+def _thread_scratch(dtype: torch.dtype, need: int) -> Tensor:
+    """This thread's grow-only CPU scratch (one for every dtype), as ``need`` values of
+    ``dtype``; made outside inference mode, so it is usable in and out of it."""
     if not caching_allowed():
         return torch.empty(need, dtype=dtype, device="cpu")
-    cache = _local.__dict__.setdefault(kind, {})
-    buf = cache.get(dtype)
-    if buf is None or buf.numel() < need:
+    nbytes = need * dtype.itemsize
+    buf = getattr(_local, "scratch", None)
+    if buf is None or buf.numel() < nbytes:
         with torch.inference_mode(False):
-            buf = cache[dtype] = torch.empty(need, dtype=dtype, device="cpu")
-    return buf
+            buf = _local.scratch = torch.empty(nbytes, dtype=torch.uint8, device="cpu")
+    return buf[:nbytes].view(dtype)
 
 
 _LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
@@ -70,12 +71,12 @@ def _scratch_like(x: Tensor) -> Tensor:
     need, dtype = x.numel(), _work_dtype(x)
     # CUDA's caching allocator already recycles memory (and a shared buffer would race across
     # streams): the scratch is for CPU only
-    if x.device.type != "cpu" or need * (8 if dtype == torch.float64 else 4) > _SCRATCH_MAX_BYTES:
+    if x.device.type != "cpu" or need * dtype.itemsize > _SCRATCH_MAX_BYTES:
         return torch.empty_like(x, dtype=dtype)
-    buf = _thread_buffer("scratch", dtype, need)
+    buf = _thread_scratch(dtype, need)
     if x.is_contiguous() or any(x.is_contiguous(memory_format=f) for f in _LAST_FORMATS):
         return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
-    return buf[:need].view(x.shape)
+    return buf.view(x.shape)
 
 
 # CPU float tensors with at least this many values take the centred two-pass path; below it
@@ -86,9 +87,13 @@ CENTRED_MIN_NUMEL = 1 << 15
 def _empty(x: Tensor) -> Tensor:
     """A size-0 tensor on x's device for the eval kernel's unused outputs (on the CPU one per
     thread and dtype)."""
-    if x.device.type != "cpu":
+    if x.device.type != "cpu" or not caching_allowed():
         return x.new_empty(0)
-    return _thread_buffer("empty", x.dtype, 0)
+    empty = _local.__dict__.setdefault("empty", {})
+    if x.dtype not in empty:
+        with torch.inference_mode(False):
+            empty[x.dtype] = x.new_empty(0)
+    return empty[x.dtype]
 
 
 def _centred_ok(x: Tensor) -> bool:

@@ -137,6 +137,27 @@ def test_fvcore_parity_on_benign_data():
         assert ((ours.get_submodule(n).running_var.double() - var_n).abs() / var_n).max() < 1e-6
 
 
+def test_progress_bars_show_when_asked_and_change_nothing(capsys):
+    """progress=True / progress="tqdm" draw a tqdm bar on stderr and give the same buffers;
+    without it nothing is drawn (update_bn_stats built a disabled tqdm, which still starts
+    tqdm's monitor thread)."""
+    model = cnn(2).train()
+    batches = [torch.randn(16, 1, 8, 8) * 2 + 1 for _ in range(3)]
+    runs = {}
+    for name, fn in [("recompute", lambda m, p: recompute_bn_stats(m, batches, progress=p)),
+                     ("update", lambda m, p: update_bn_stats(
+                         m, batches, num_iters=3, progress="tqdm" if p else None))]:
+        for shown in (False, True):
+            m = copy.deepcopy(model)
+            fn(m, shown)
+            err = capsys.readouterr().err
+            assert ("3/3" in err or "48.0sample" in err) == shown, (name, shown, err)
+            runs[name, shown] = m.state_dict()
+    for name in ("recompute", "update"):
+        for k, v in runs[name, False].items():
+            assert torch.equal(runs[name, True][k], v), (name, k)
+
+
 @pytest.mark.parametrize("ratio", [1e3, 1e4, 3e4])
 def test_shifted_data_exact_where_fvcore_is_off(ratio):
     fvcore = pytest.importorskip("fvcore.nn.precise_bn")

@@ -180,6 +180,38 @@ def test_large_cpu_inputs_are_exact_on_either_path(layout, mean, std):
     torch.testing.assert_close(state.var(False), rvar, rtol=tol, atol=0)
 
 
+def test_cpu_scratch_is_one_buffer_per_thread_for_every_dtype():
+    """The centred path's scratch is kept per thread between calls; float32 and float64
+    calls share one buffer (they held one each: 1.5x the memory, kept for the thread's
+    life), and results are exact in either order."""
+    import threading
+
+    from fastpbn import _torch_ops
+
+    g = torch.Generator().manual_seed(5)
+    x32 = torch.randn(8, 16, 16, 16, generator=g) * 3 + 1e3
+    x64 = torch.randn(8, 16, 16, 16, generator=g, dtype=torch.float64) * 3 + 1e3
+    held, results = {}, []
+
+    def run():
+        for x in (x32, x64, x32):
+            stats = torch.empty(3, 16, dtype=x.dtype)
+            _torch_ops.batch_norm_train(x, None, None, 1e-5, *stats)
+            results.append((x, _torch_ops.moments64(*stats)))
+        held.update({k: v for k, v in vars(_torch_ops._local).items() if k != "empty"})
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join()
+    assert set(held) == {"scratch"} and held["scratch"].dtype == torch.uint8
+    assert held["scratch"].numel() == x64.numel() * 8
+    for x, (mean, var) in results:
+        rmean, rvar, _ = batch_stats_reference(x)
+        tol = 1e-12 if x.dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(mean, rmean, rtol=0, atol=tol * 10 * rvar.sqrt().max())
+        torch.testing.assert_close(var, rvar, rtol=tol, atol=0)
+
+
 @pytest.mark.parametrize("shape", [(8, 16, 16, 16), (4, 6, 5, 5), (8, 16, 16, 16, 1)])
 def test_unshifted_path_is_exact_where_the_mean_is_small(shape):
     """``shift=False`` (what a recompute pass uses once a layer showed |mean|/std < 5) skips

@@ -72,12 +72,14 @@ def update_bn_stats(
     try:
         state.enter(set_modes=False)
         state.install(accs, tracker)
-        from tqdm.auto import tqdm
+        batches = itertools.islice(data_loader, num_iters)
+        if progress == "tqdm":  # (a disabled tqdm would still start its monitor thread)
+            from tqdm.auto import tqdm
 
+            batches = tqdm(batches, total=num_iters)
         ran = 0
         with torch.no_grad(), eager_stance():
-            for inputs in tqdm(itertools.islice(data_loader, num_iters), total=num_iters,
-                               disable=progress != "tqdm"):
+            for inputs in batches:
                 tracker.begin_forward()
                 root(inputs)
                 state.after_forward()
