@@ -9,9 +9,9 @@ the Functions.) The eval forward has no op: compiled, exported and fake calls re
 PyTorch's own (``fastpbn.ops.batch_norm``).
 """
 
-from __future__ import annotations
-
-from typing import Optional
+# no `from __future__ import annotations`: torch < 2.6 reads the custom ops' schemas from
+# evaluated annotations, and wants typing.List
+from typing import List, Optional
 
 import torch
 from torch import Tensor
@@ -95,7 +95,7 @@ def batch_norm_backward(
     mean: Tensor,
     invstd: Tensor,
     training: bool,
-    output_mask: list[bool],
+    output_mask: List[bool],
 ) -> tuple[Tensor, Tensor, Tensor]:
     dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, output_mask)
     # custom ops cannot return None: unrequested gradients come back as empty tensors

@@ -1,7 +1,5 @@
 """K3: per-channel gradient sums (dw, db, dx coefficients); K4: dx = a·dy + b·(x - mean) + c."""
 
-from __future__ import annotations
-
 from typing import Optional
 
 import triton

@@ -1,7 +1,5 @@
 """K2: y = (x - mean[c]) · scale[c] + bias[c], in x's dtype and y's own strides."""
 
-from __future__ import annotations
-
 from typing import Optional
 
 import triton

@@ -1,7 +1,5 @@
 """K1: per-channel batch statistics in one launch, with everything that depends on them."""
 
-from __future__ import annotations
-
 from typing import Optional
 
 import triton

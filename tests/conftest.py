@@ -14,6 +14,27 @@ import importlib.util  # noqa: E402
 import pytest  # noqa: E402
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
+
+
+def _interpreter_numpy_bound():
+    """The numpy below which this triton's CPU interpreter works, or None. Measured: triton
+    3.0 / 3.1 read and write garbage with numpy 2; triton < 3.8 raises "only 0-dimensional
+    arrays can be converted to Python scalars" in every kernel loop with numpy >= 2.4."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        triton, numpy = (tuple(int(p) for p in version(m).split(".")[:2])
+                         for m in ("triton", "numpy"))
+    except (PackageNotFoundError, ValueError):
+        return None
+    bound = (2, 0) if triton < (3, 2) else (2, 4) if triton < (3, 8) else None
+    return bound if bound is not None and numpy >= bound else None
+
+
+if HAS_TRITON and not HAS_CUDA and _interpreter_numpy_bound() is not None:
+    _bound = "numpy<{}.{}".format(*_interpreter_numpy_bound())
+    pytest.exit(f"the Triton tests run in triton's CPU interpreter, which needs {_bound} with "
+                f"this triton: pip install '{_bound}' (or a newer triton)", returncode=4)
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # every backend that can run here: torch always, triton through its interpreter on CPU
 # "torch-own": the torch backend with its hand-off of small eager training calls to

@@ -100,9 +100,9 @@ def _tiny_arrays(rng, n_train=40, n_test=16, hw=6):
 
 
 def _expected(arrays):
-    x = arrays["x_train"].astype(np.float64)
+    x, x_test = (arrays[k].astype(np.float64) for k in ("x_train", "x_test"))
     mean, std = x.mean(), x.std()
-    return ((arrays["x_train"] - mean) / std, (arrays["x_test"] - mean) / std)
+    return ((x - mean) / std, (x_test - mean) / std)
 
 
 def test_npz_loader(tmp_path):

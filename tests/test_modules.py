@@ -678,6 +678,9 @@ def test_float16_running_var_takes_what_stock_takes(backend, accumulate):
     for _ in range(3):
         x = (torch.randn(4, 2, 3, 3, device=DEVICE) * 400).half()
         stock(x), ours(x)
+        if not torch.isfinite(stock.running_var).all():
+            pytest.skip("this torch's own CPU kernel rounds the batch variance into the "
+                        "float16 buffer (Inf; torch < 2.6)")
         assert torch.isfinite(ours.running_var).all()
         assert_close(ours.running_var, stock.running_var, 2e-3, "running_var")
         assert_close(ours.running_mean, stock.running_mean, 2e-3, "running_mean")

@@ -49,7 +49,8 @@ def test_wheel_imports_whole(tmp_path):
         capture_output=True, text=True, timeout=300,
     )
     # only a missing build tool (setuptools, wheel) skips; fastpbn's own errors fail
-    if out.returncode != 0 and re.search(r"No module named '(setuptools|wheel)", out.stderr):
+    if out.returncode != 0 and re.search(
+            r"No module named '(setuptools|wheel)|invalid command 'bdist_wheel'", out.stderr):
         pytest.skip(f"cannot build a wheel here: {out.stderr[-300:]}")
     assert out.returncode == 0, out.stderr[-3000:]
     wheel = next(tmp_path.glob("fastpbn-*.whl"))

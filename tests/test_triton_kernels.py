@@ -597,7 +597,8 @@ def test_kernels_compile_for_gpu():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     out = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True,
                          text=True, timeout=600)
-    if ("has no attribute 'ASTSource'" in out.stderr
+    if ("has no attribute 'ASTSource'" in out.stderr  # (triton < 3.2: another signature)
+            or "unexpected keyword argument 'constexprs'" in out.stderr
             or "No module named 'triton." in out.stderr):  # not fastpbn's own modules
         pytest.skip("this triton has no ahead-of-time compile API")
     assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
