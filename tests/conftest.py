@@ -31,10 +31,12 @@ def _interpreter_numpy_bound():
     return bound if bound is not None and numpy >= bound else None
 
 
-if HAS_TRITON and not HAS_CUDA and _interpreter_numpy_bound() is not None:
-    _bound = "numpy<{}.{}".format(*_interpreter_numpy_bound())
-    pytest.exit(f"the Triton tests run in triton's CPU interpreter, which needs {_bound} with "
-                f"this triton: pip install '{_bound}' (or a newer triton)", returncode=4)
+def pytest_configure(config):
+    bound = _interpreter_numpy_bound() if HAS_TRITON and not HAS_CUDA else None
+    if bound is not None:
+        need = "numpy<{}.{}".format(*bound)
+        pytest.exit(f"the Triton tests run in triton's CPU interpreter, which needs {need} "
+                    f"with this triton: pip install '{need}' (or a newer triton)", returncode=4)
 DEVICE = "cuda" if HAS_CUDA else "cpu"
 # every backend that can run here: torch always, triton through its interpreter on CPU
 # "torch-own": the torch backend with its hand-off of small eager training calls to

@@ -4,10 +4,11 @@ of the union of all ranks' data, bitwise identical across ranks."""
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fastpbn import WelfordState
 from fastpbn.reference import batch_stats_reference
+
+from . import gloo
 
 SIZES = {0: [3, 5], 1: [8, 1, 2]}  # uneven: counts must weigh
 
@@ -28,12 +29,12 @@ def _worker(rank, world, init_file, out_file):
         torch.save({"count": state.count, "mean": state.mean, "m2": state.m2},
                    f"{out_file}.{rank}")
     finally:
-        dist.destroy_process_group()
+        gloo.destroy_process_group()
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
 def test_all_reduce_two_ranks(tmp_path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    gloo.spawn(_worker, (2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
     results = [torch.load(tmp_path / f"out.{r}", weights_only=True) for r in range(2)]
     for key in ("count", "mean", "m2"):
         assert torch.equal(results[0][key], results[1][key]), key
