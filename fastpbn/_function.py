@@ -80,11 +80,12 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
     )
 
 
-def _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=None):
+def batch_norm_eval_no_grad(x, weight, bias, running_mean, running_var, eps, *, backend):
+    """Eval forward on ``backend`` without an autograd node (eager calls only: compiled,
+    exported and fake ones record PyTorch's op, see ``fastpbn.ops.batch_norm``)."""
     if x.numel() == 0:
         return output_like(x)
-    return (backend or get_backend(x)).forward_eval(x, weight, bias, running_mean, running_var,
-                                                   eps)
+    return backend.forward_eval(x, weight, bias, running_mean, running_var, eps)
 
 
 @torch.library.custom_op("fastpbn::batch_norm_backward", mutates_args=())
@@ -177,7 +178,8 @@ class BatchNormEval(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, backend=None):
         ctx.save_for_backward(x, weight, running_mean, running_var)
         ctx.eps, ctx.backend = eps, backend
-        return _eval_impl(x, weight, bias, running_mean, running_var, eps, backend=backend)
+        return batch_norm_eval_no_grad(x, weight, bias, running_mean, running_var, eps,
+                                       backend=backend)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -195,7 +197,3 @@ def batch_norm_train_no_grad(*args, backend=None):
         return batch_norm_train(*args)
     return _train_impl(*args, backend=backend)
 
-
-def batch_norm_eval_no_grad(*args, backend=None):
-    """Eval forward without an autograd node (nothing requires grad)."""
-    return _eval_impl(*args, backend=backend)
