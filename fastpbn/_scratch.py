@@ -10,15 +10,17 @@ Who may share a pair:
 * eager calls of one thread on one stream: launches on a stream run in order, and a call's
   launches (K1 then K2, K3 then K4, which pass per-channel values through the buffer) are not
   interleaved with another call's. Two threads launching on the same stream would interleave,
-  so the thread is part of the key.
+  so each thread has pairs of its own.
 * nobody while a CUDA graph is captured: each call gets fresh buffers from the graph's memory
   pool, like any temporary of the graph. Graphs then never share scratch (they may replay
   concurrently on different streams), and pools that track every live block (torch.compile's
   CUDA graph trees) see nothing held across calls.
 
-Cached pairs are allocated with a private stream current, so that they never land in a pool
-that takes the current stream's allocations (CUDA graph trees' warm-up runs do that). An
-outgrown pair is freed only after the work queued on its stream has finished.
+Each thread keeps its pairs in thread-local storage, so a thread's pairs are freed when it
+exits. Cached pairs are allocated with a private stream current, so that they never land in a
+pool that takes the current stream's allocations (CUDA graph trees' warm-up runs do that), and
+are marked as used by the stream they serve: whenever a pair is freed (outgrown, or its thread
+gone), its memory is reused only after the work queued on that stream has finished.
 """
 
 from __future__ import annotations
@@ -73,7 +75,7 @@ def caching_allowed() -> bool:
     return all(torch._C._get_dispatch_mode(k) is None for k in _TRACING_MODES)
 
 
-_cache: dict[tuple, tuple[Tensor, Tensor]] = {}
+_local = threading.local()  # .pairs: this thread's {(device, stream): (floats, counters)}
 _alloc_streams: dict[torch.device, torch.cuda.Stream] = {}
 _MIN_FLOATS, _MIN_COUNTERS = 1 << 16, 1024
 
@@ -84,14 +86,13 @@ def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor,
     if not caching_allowed():
         return _fresh(device, floats, counters)
     if device.type != "cuda":  # the Triton interpreter and the CPU emulation: no streams
-        return _cached((device, threading.get_ident()), device, floats, counters, None)
+        return _cached((device,), device, floats, counters, None)
     switch = device.index is not None and device.index != torch.cuda.current_device()
     with torch.cuda.device(device) if switch else contextlib.nullcontext():
         if torch.cuda.is_current_stream_capturing():
             return _fresh(device, floats, counters)
         stream = torch.cuda.current_stream()
-    return _cached((device, stream.cuda_stream, threading.get_ident()), device, floats,
-                   counters, stream)
+    return _cached((device, stream.cuda_stream), device, floats, counters, stream)
 
 
 def _fresh(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
@@ -101,14 +102,12 @@ def _fresh(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Te
 
 def _cached(key: tuple, device: torch.device, floats: int, counters: int,
             stream: torch.cuda.Stream | None) -> tuple[Tensor, Tensor]:
-    ws, cnt = _cache.get(key, (None, None))
+    cache = _local.__dict__.setdefault("pairs", {})
+    ws, cnt = cache.get(key, (None, None))
     if ws is not None and ws.numel() >= floats and cnt.numel() >= counters:
         return ws, cnt
     if ws is not None:
         floats, counters = max(floats, ws.numel()), max(counters, cnt.numel())
-        if stream is not None:  # the old pair's memory waits for this stream's queued kernels
-            ws.record_stream(stream)
-            cnt.record_stream(stream)
     floats, counters = max(floats, _MIN_FLOATS), max(counters, _MIN_COUNTERS)
     if stream is None:
         ws, cnt = _fresh(device, floats, counters)
@@ -118,6 +117,8 @@ def _cached(key: tuple, device: torch.device, floats: int, counters: int,
         with torch.cuda.stream(_alloc_streams[device]):
             ws = torch.empty(floats, dtype=torch.float32, device=device)
             cnt = torch.empty(counters, dtype=torch.int32, device=device)
+        ws.record_stream(stream)  # freed, the memory waits for the kernels queued on stream
+        cnt.record_stream(stream)
         cnt.zero_()  # on the stream the kernels run on, so it is ordered before them
-    _cache[key] = (ws, cnt)
+    cache[key] = (ws, cnt)
     return ws, cnt

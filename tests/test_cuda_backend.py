@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import types
 import warnings
 from dataclasses import dataclass
@@ -648,7 +649,7 @@ def cuda_backend(runner, monkeypatch):
     if runner.device == "cpu":
         monkeypatch.setattr(_cuda_ext, "_ext", runner.ext)
         monkeypatch.setattr(CudaBackend, "not_supported_reasons", lambda self, x: [])
-    monkeypatch.setattr(_scratch, "_cache", {})
+    monkeypatch.setattr(_scratch, "_local", threading.local())
     fastpbn.set_backend("cuda")
     return runner
 

@@ -1,6 +1,7 @@
 """The reductions' scratch buffers (fastpbn/_scratch.py): who shares them, and CUDA graphs."""
 
 import threading
+import weakref
 
 import pytest
 import torch
@@ -14,7 +15,11 @@ from .conftest import DEVICE
 
 @pytest.fixture(autouse=True)
 def empty_cache(monkeypatch):
-    monkeypatch.setattr(_scratch, "_cache", {})
+    monkeypatch.setattr(_scratch, "_local", threading.local())
+
+
+def _cached_pairs():
+    return _scratch._local.__dict__.get("pairs", {})
 
 
 def _device():
@@ -32,13 +37,26 @@ def test_one_pair_per_thread_grown_and_zeroed():
     assert big.numel() > ws.numel() and big_cnt.numel() > cnt.numel() and not big_cnt.any()
     assert _scratch.workspace(dev, 10, 3)[0] is big
 
-    other = {}
-    t = threading.Thread(target=lambda: other.update(p=_scratch.workspace(dev, 10, 3)))
+    assert len(_cached_pairs()) == 1  # the outgrown pair is not kept
+
+
+def test_a_thread_has_its_own_pair_freed_when_it_exits():
+    dev = _device()
+    mine = _scratch.workspace(dev, 10, 3)
+    seen = {}
+
+    def other_thread():
+        ws, cnt = _scratch.workspace(dev, 10, 3)
+        seen.update(ws=ws.data_ptr(), cnt=cnt.data_ptr(), zeroed=not cnt.any(),
+                    again=_scratch.workspace(dev, 10, 3)[0] is ws, ref=weakref.ref(ws))
+
+    t = threading.Thread(target=other_thread)
     t.start()
     t.join()
-    assert other["p"][0].data_ptr() != big.data_ptr()
-    assert other["p"][1].data_ptr() != big_cnt.data_ptr() and not other["p"][1].any()
-    assert len(_scratch._cache) == 2
+    assert seen["ws"] != mine[0].data_ptr() and seen["cnt"] != mine[1].data_ptr()
+    assert seen["zeroed"] and seen["again"]
+    assert seen["ref"]() is None  # the exited thread's pair is gone (it was kept for its life)
+    assert _scratch.workspace(dev, 10, 3)[0] is mine[0]
 
 
 @pytest.mark.gpu
@@ -48,11 +66,11 @@ def test_gpu_cached_per_stream_fresh_while_capturing():
     side = torch.cuda.Stream()
     with torch.cuda.stream(side):
         assert _scratch.workspace(dev, 10, 3)[0].data_ptr() != ws.data_ptr()
-    cached = len(_scratch._cache)
+    cached = len(_cached_pairs())
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         got = [_scratch.workspace(dev, 10, 3) for _ in range(2)]
-    assert len(_scratch._cache) == cached  # nothing made during capture is kept
+    assert len(_cached_pairs()) == cached  # nothing made during capture is kept
     assert all(w.data_ptr() != ws.data_ptr() for w, _ in got)
 
 
