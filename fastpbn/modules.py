@@ -25,6 +25,7 @@ fastpbn's custom op in training and PyTorch's own op in eval (see ``fastpbn.ops.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -156,17 +157,26 @@ def convert_model(module: nn.Module) -> nn.Module:
     In place: each layer's class is switched, so it stays the same object -- a layer shared by
     several parents stays shared, and its parameters and buffers (device, dtype,
     ``requires_grad``, optimizer references), hooks, ``training`` flag and any other attribute
-    are kept. Subclasses such as ``nn.SyncBatchNorm`` and lazy BN layers are left as they are:
-    they have their own semantics (cross-process statistics, deferred shapes) that a drop-in
-    swap would change.
+    are kept. Subclasses such as ``nn.SyncBatchNorm``, lazy BN layers and a library's own
+    (timm's ``BatchNormAct2d``) are left as they are, with a warning that counts them by class:
+    they have their own semantics (cross-process statistics, deferred shapes, a fused
+    activation) that a drop-in swap would change.
 
     Returns:
         ``module`` (converted itself when it is a stock BN layer).
     """
+    left: dict[str, int] = {}
     for m in module.modules():
         new = _REPLACEMENTS.get(type(m))
         if new is not None:
             m.__class__ = new
+        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in _STOCK:
+            left[type(m).__name__] = left.get(type(m).__name__, 0) + 1
+    if left:
+        kinds = ", ".join(f"{n} {name}" for name, n in left.items())
+        warnings.warn(f"convert_model: left {sum(left.values())} BN layer(s) that are not stock "
+                      f"nn.BatchNorm1d/2d/3d as they are ({kinds}); they run their own forward "
+                      "(recompute_bn_stats still recomputes their statistics)", stacklevel=2)
     return module
 
 

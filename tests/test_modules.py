@@ -3,6 +3,7 @@ backend that can run here (torch always; triton through its interpreter on CPU).
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -353,7 +354,8 @@ def test_convert_model():
     buffers = {n: b for n, b in model.named_buffers()}
     x = shifted(4, 3, 6, 6)
     expected = copy.deepcopy(model)(x)
-    converted = fastpbn.convert_model(model)
+    with pytest.warns(UserWarning, match=r"left 1 BN layer.*\(1 SyncBatchNorm\)"):
+        converted = fastpbn.convert_model(model)
     assert converted is model
     assert type(model.bn) is FastPreciseBN2d
     assert type(model.seq[1]) is FastPreciseBN1d
@@ -368,6 +370,27 @@ def test_convert_model():
     assert_close(model(x), expected, 1e-4, "converted model output")
     root = fastpbn.convert_model(nn.BatchNorm2d(3).double())
     assert type(root) is FastPreciseBN2d and root.weight.dtype == torch.float64
+
+
+def test_convert_model_counts_the_bn_layers_it_leaves():
+    """BN subclasses with a forward of their own (timm's BatchNormAct2d fuses an activation)
+    and lazy layers stay as they are: a model made of them would otherwise be converted
+    without a word and run none of fastpbn."""
+
+    class BatchNormAct2d(nn.BatchNorm2d):
+        def forward(self, x):
+            return torch.relu(super().forward(x))
+
+    model = nn.Sequential(BatchNormAct2d(3), BatchNormAct2d(3), nn.LazyBatchNorm2d(),
+                          nn.BatchNorm2d(3), FastPreciseBN2d(3))
+    with pytest.warns(UserWarning, match=r"left 3 BN layer.*\(2 BatchNormAct2d, 1 "
+                                         r"LazyBatchNorm2d\)"):
+        fastpbn.convert_model(model)
+    assert [type(m) for m in model] == [BatchNormAct2d, BatchNormAct2d, nn.LazyBatchNorm2d,
+                                        FastPreciseBN2d, FastPreciseBN2d]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fastpbn.convert_model(nn.Sequential(nn.BatchNorm1d(3), nn.Conv2d(1, 1, 1)))
 
 
 def test_revert_model_for_fusion_and_pickling():

@@ -638,8 +638,12 @@ def test_empty_data_no_bn_never_ran_and_bad_arguments():
     assert len(s) == 0
     unused = nn.ModuleDict({"used": nn.BatchNorm1d(2), "unused": nn.BatchNorm1d(2)})
     unused.forward = lambda x: unused["used"](x)
-    with pytest.raises(RuntimeError, match="unused"):
+    with pytest.raises(RuntimeError, match="unused"):  # selected by name: it must run
+        recompute_bn_stats(unused, [shifted(40, 2)], layers=["used", "unused"])
+    unused.forward = lambda x: x
+    with pytest.raises(RuntimeError, match=r"\['used', 'unused'\] never ran"):  # none ran
         recompute_bn_stats(unused, [shifted(40, 2)])
+    assert_unchanged(unused, snapshot(unused))
     for kw, match in [(dict(estimator="ema"), "estimator"), (dict(batch_size=1), "batch_size"),
                       (dict(num_samples=0), "num_samples"), (dict(tol=-1.0), "tol"),
                       (dict(layers=[nn.ReLU()]), "layers"), (dict(cuda_graph=True), "cuda"),
@@ -651,6 +655,39 @@ def test_empty_data_no_bn_never_ran_and_bad_arguments():
     with pytest.raises(TypeError, match="layers must be"):
         recompute_bn_stats(model, [shifted(4, 1, 8, 8)], layers=3)
     assert_unchanged(model, snap)
+
+
+class AuxHead(nn.Module):
+    """A classifier with an auxiliary head that runs only in training (GoogLeNet, Inception)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = cnn(21)
+        self.aux = nn.Sequential(nn.Conv2d(1, 2, 1), nn.BatchNorm2d(2))
+
+    def forward(self, x):
+        y = self.body(x)
+        return (y, self.aux(x)) if self.training else y
+
+
+@pytest.mark.parametrize("tol", [None, 1.0])
+def test_default_selection_leaves_layers_the_pass_never_runs(tol):
+    """The pass runs the model in eval mode, where the auxiliary head does not run: with the
+    default selection its layer is left as it is, with a warning (after a pass over all the
+    data, an error would lose it), and it does not hold ``tol`` up."""
+    model = AuxHead()
+    model.aux[1].running_mean.fill_(3.0)
+    batches = [shifted(32, 1, 8, 8) for _ in range(10)]
+    with pytest.warns(UserWarning, match=r"\['aux.1'\] never ran"):
+        stats = recompute_bn_stats(model, batches, tol=tol)
+    if tol is not None:
+        assert stats.converged and stats.num_batches < len(batches)
+    truth = ground_truth(model.body, batches[:stats.num_batches])
+    assert "aux.1" not in stats
+    assert_close_to_truth(stats, {f"body.{n}": t for n, t in truth.items()})
+    assert (model.aux[1].running_mean == 3.0).all() and (model.aux[1].running_var == 1.0).all()
+    with pytest.raises(RuntimeError, match="aux.1"):  # selected explicitly: it must run
+        recompute_bn_stats(model, batches, layers=lambda n, m: True)
 
 
 # ---- PopulationStats -------------------------------------------------------------------------

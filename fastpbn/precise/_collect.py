@@ -148,6 +148,10 @@ class LayerAccumulator:
         se2 = self.calls.var(unbiased=True) / self.calls.count
         return (se2 <= tol * tol * self.total.var(unbiased=True)).all()
 
+    def idle(self) -> Tensor:
+        """Device bool: the layer has seen no value yet."""
+        return (self.total.count == 0).all()
+
     def all_reduce(self, group) -> None:
         self.total.all_reduce(group)
         if self.per_call:

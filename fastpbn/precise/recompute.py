@@ -88,9 +88,11 @@ def recompute_bn_stats(
             pycls, mmpretrain).
         layers: which BN layers to recompute: modules or names (as in ``named_modules()``),
             one or a list, or ``fn(name, module) -> bool``; None: every BN layer with running
-            statistics. Subclasses, and layers whose ``forward`` was replaced on the instance,
-            keep their own ``forward``; a FastPreciseBN layer is measured on what it
-            normalizes (through ``FastPreciseBN.forward``), any other such layer on its input.
+            statistics that the pass's forward runs (one that never runs, such as an auxiliary
+            head that runs only in training, is left unchanged with a warning). Subclasses,
+            and layers whose ``forward`` was replaced on the instance, keep their own
+            ``forward``; a FastPreciseBN layer is measured on what it normalizes (through
+            ``FastPreciseBN.forward``), any other such layer on its input.
         input_fn: ``input_fn(item)`` -> model input: a tensor or a structure (tuples,
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
             of them; 0-d tensors and other leaves ride along, taken from the first loader
@@ -106,7 +108,8 @@ def recompute_bn_stats(
         tol: stop once, in every selected layer and channel, the standard error of the mean
             (from the spread of per-call means) is at most ``tol`` x the population std;
             ``num_samples``/``num_batches`` are then upper limits. Distributed: every rank
-            must converge on its own data (conservative).
+            must converge on its own data (conservative). With ``layers=None``, a layer that
+            has not run yet does not hold the pass up.
         progress: show a tqdm bar (samples/s).
         process_group: merge per-rank statistics over this group (default: the default group
             when torch.distributed is initialized), exactly, weighted by counts; every rank
@@ -139,7 +142,8 @@ def recompute_bn_stats(
             nothing in it to feed (an empty tuple, a dict without an input key), data too
             short for ``num_samples``/``num_batches``, non-finite statistics (naming the
             layers).
-        RuntimeError: a selected layer never ran.
+        RuntimeError: a layer selected by ``layers`` never ran, or with ``layers=None`` no
+            BN layer ran.
     """
     num_samples, num_batches, batch_size, tol_every = _check_args(
         model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every, input_fn,
@@ -157,6 +161,7 @@ def recompute_bn_stats(
     per_call = estimator == "batch_mean" or tol is not None
     accs = [LayerAccumulator(n, m.running_mean.numel(), m.running_mean.device, per_call)
             for n, m in selected]
+    required = layers is not None  # else a layer that never runs is left as it is
     if stop_early is None:
         subset = layers is not None and len(selected) < len(select_layers(root, None))
         stop_early = subset and forward_fn is None
@@ -183,13 +188,14 @@ def recompute_bn_stats(
         # not inference_mode: tensors a model caches must stay usable
         with torch.no_grad(), eager_stance():
             run = _run(source, forward, accs, tracker, state, tol, tol_every, progress,
-                       max_samples, stop_early, auto_stop, batch_size, group, distributed)
+                       max_samples, stop_early, auto_stop, batch_size, group, distributed,
+                       required)
         samples, batches, converged = _check_run(run, accs, num_samples, num_batches, tol,
                                                  group, distributed)
         if distributed:
             for acc in accs:
                 acc.all_reduce(group)
-        stats = _estimates(accs, estimator)
+        stats = _estimates(accs, estimator, required)
     finally:
         state.restore()
     result = PopulationStats(stats, estimator=estimator, num_samples=samples,
@@ -200,7 +206,7 @@ def recompute_bn_stats(
 
 
 def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total, stop_early,
-         auto_stop, batch_size, group, distributed) -> dict:
+         auto_stop, batch_size, group, distributed, required) -> dict:
     bar = _progress_bar(progress, total)
     samples = batches = skipped = 0
     converged = None
@@ -222,7 +228,8 @@ def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total,
                 if stop_early and tracker.order and not (auto_stop and reused):
                     state.install_stop(tracker)
             if tol is not None and batches >= 2 and batches % tol_every == 0:
-                done, converged = _converged(accs, tol, group, distributed, exhausted=False)
+                done, converged = _converged(accs, tol, group, distributed, required,
+                                             exhausted=False)
                 if done:
                     break
         else:
@@ -230,7 +237,8 @@ def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total,
                 # out of data: when distributed, keep answering the other ranks' checks
                 done = False
                 while not done:
-                    done, converged = _converged(accs, tol, group, distributed, exhausted=True)
+                    done, converged = _converged(accs, tol, group, distributed, required,
+                                                 exhausted=True)
     finally:
         bar.close()
     if skipped:
@@ -242,9 +250,12 @@ def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total,
     return {"samples": samples, "skipped": skipped, "batches": batches, "converged": converged}
 
 
-def _converged(accs, tol, group, distributed, exhausted: bool) -> tuple[bool, bool]:
-    """(stop, converged); one host sync (and one collective when distributed)."""
-    conv = torch.stack([a.converged(tol).to(accs[0].total.device) for a in accs]).all()
+def _converged(accs, tol, group, distributed, required: bool,
+               exhausted: bool) -> tuple[bool, bool]:
+    """(stop, converged); one host sync (and one collective when distributed). Unless
+    ``required``, layers that have not run count as converged."""
+    conv = torch.stack([(a.converged(tol) | (not required and a.idle()))
+                        .to(accs[0].total.device) for a in accs]).all()
     flags = torch.stack([conv | exhausted, conv]).double()
     if distributed:
         import torch.distributed as dist
@@ -286,9 +297,10 @@ def _check_run(run, accs, num_samples, num_batches, tol, group, distributed):
     return samples, int(sum(r[1] for r in rows)), run["converged"]
 
 
-def _estimates(accs, estimator) -> dict:
+def _estimates(accs, estimator, required: bool) -> dict:
     """name -> (mean, var, count), float64 on the CPU, computed and checked for all layers at
-    once (names only when something is wrong)."""
+    once (names only when something is wrong). Layers that never ran raise if ``required``,
+    else are left out with a warning (all of them: an error)."""
     names = [acc.name for acc in accs]
     sizes = [acc.total.num_channels for acc in accs]
     if estimator == "population":
@@ -299,16 +311,22 @@ def _estimates(accs, estimator) -> dict:
         mean, var, count = (torch.cat([p[k].to("cpu", torch.float64) for p in parts])
                             for k in range(3))
     ran = count > 0
+    never = []
     if not bool(ran.all()):
         never = [n for n, r in zip(names, ran.split(sizes)) if not bool(r.all())]
-        raise RuntimeError(f"BN layer(s) {never} never ran during the pass (not reached by "
-                           "the forward?); select only layers the forward uses")
-    finite = torch.isfinite(mean) & torch.isfinite(var)
+        if required or len(never) == len(names):
+            raise RuntimeError(f"BN layer(s) {never} never ran during the pass (not reached by "
+                               "the forward?); select only layers the forward uses")
+        warnings.warn(f"recompute_bn_stats: BN layer(s) {never} never ran during the pass "
+                      "(e.g. auxiliary heads that run only in training); left unchanged",
+                      stacklevel=3)
+    finite = (torch.isfinite(mean) & torch.isfinite(var)) | ~ran
     if not bool(finite.all()):
         bad = [n for n, f in zip(names, finite.split(sizes)) if not bool(f.all())]
         raise ValueError(f"non-finite statistics (NaN/Inf) in BN layer(s) {bad}; the model is "
                          "unchanged")
-    return dict(zip(names, zip(mean.split(sizes), var.split(sizes), count.split(sizes))))
+    stats = zip(names, zip(mean.split(sizes), var.split(sizes), count.split(sizes)))
+    return {n: s for n, s in stats if n not in never}
 
 
 def _check_args(model, data, num_samples, num_batches, batch_size, estimator, tol, tol_every,
