@@ -2,31 +2,24 @@
 and the layout every backend gives a normalized output (:func:`output_like`).
 
 A reduction writes per-split partial sums into a float32 buffer and counts finished splits in
-an int32 buffer that must start at zero; every kernel leaves the counters it increments at zero
-again, so eager calls reuse one buffer pair instead of allocating and zero-filling per call.
+an int32 buffer that must start at zero. Each call takes a fresh pair from PyTorch's caching
+allocator on the current stream, as PyTorch's own split reductions take theirs (their
+semaphores are an ``at::zeros`` per call): an allocation and a zero-fill per call, for a pair
+whose lifetime the allocator manages in every case --
 
-Who may share a pair:
+* streams: the allocator orders reuse of the memory after the call's kernels on its stream;
+  threads and streams never share a pair;
+* CUDA graphs: during capture the pair comes from the graph's memory pool, like any temporary
+  of the graph, so graphs replayed concurrently never share scratch;
+* memory pools (``torch.cuda.MemPool``, torch.compile's CUDA graph trees, which route a
+  thread's allocations into their pool while warming up): nothing is held across calls, so no
+  pool ever sees a block that outlives the call that made it.
 
-* eager calls of one thread on one stream: launches on a stream run in order, and a call's
-  launches (K1 then K2, K3 then K4, which pass per-channel values through the buffer) are not
-  interleaved with another call's. Two threads launching on the same stream would interleave,
-  so each thread has pairs of its own.
-* nobody while a CUDA graph is captured: each call gets fresh buffers from the graph's memory
-  pool, like any temporary of the graph. Graphs then never share scratch (they may replay
-  concurrently on different streams), and pools that track every live block (torch.compile's
-  CUDA graph trees) see nothing held across calls.
-
-Each thread keeps its pairs in thread-local storage, so a thread's pairs are freed when it
-exits. Cached pairs are allocated with a private stream current, so that they never land in a
-pool that takes the current stream's allocations (CUDA graph trees' warm-up runs do that), and
-are marked as used by the stream they serve: whenever a pair is freed (outgrown, or its thread
-gone), its memory is reused only after the work queued on that stream has finished.
+A pair kept across calls would save the zero-fill but would need stream bookkeeping on every
+free and could not stay out of such pools (they route by thread on recent PyTorch).
 """
 
 from __future__ import annotations
-
-import contextlib
-import threading
 
 import torch
 from torch import Tensor
@@ -75,50 +68,8 @@ def caching_allowed() -> bool:
     return all(torch._C._get_dispatch_mode(k) is None for k in _TRACING_MODES)
 
 
-_local = threading.local()  # .pairs: this thread's {(device, stream): (floats, counters)}
-_alloc_streams: dict[torch.device, torch.cuda.Stream] = {}
-_MIN_FLOATS, _MIN_COUNTERS = 1 << 16, 1024
-
-
 def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
-    """A float32 buffer of at least ``floats`` elements and an int32 buffer of at least
-    ``counters`` zeros on ``device`` (with its index), for the calling thread's current stream."""
-    if not caching_allowed():
-        return _fresh(device, floats, counters)
-    if device.type != "cuda":  # the Triton interpreter and the CPU emulation: no streams
-        return _cached((device,), device, floats, counters, None)
-    switch = device.index is not None and device.index != torch.cuda.current_device()
-    with torch.cuda.device(device) if switch else contextlib.nullcontext():
-        if torch.cuda.is_current_stream_capturing():
-            return _fresh(device, floats, counters)
-        stream = torch.cuda.current_stream()
-    return _cached((device, stream.cuda_stream), device, floats, counters, stream)
-
-
-def _fresh(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
+    """A float32 buffer of ``floats`` elements (contents undefined) and an int32 buffer of
+    ``counters`` zeros on ``device``, for one call of a split reduction."""
     return (torch.empty(max(floats, 1), dtype=torch.float32, device=device),
             torch.zeros(max(counters, 1), dtype=torch.int32, device=device))
-
-
-def _cached(key: tuple, device: torch.device, floats: int, counters: int,
-            stream: torch.cuda.Stream | None) -> tuple[Tensor, Tensor]:
-    cache = _local.__dict__.setdefault("pairs", {})
-    ws, cnt = cache.get(key, (None, None))
-    if ws is not None and ws.numel() >= floats and cnt.numel() >= counters:
-        return ws, cnt
-    if ws is not None:
-        floats, counters = max(floats, ws.numel()), max(counters, cnt.numel())
-    floats, counters = max(floats, _MIN_FLOATS), max(counters, _MIN_COUNTERS)
-    if stream is None:
-        ws, cnt = _fresh(device, floats, counters)
-    else:
-        if device not in _alloc_streams:
-            _alloc_streams[device] = torch.cuda.Stream(device)
-        with torch.cuda.stream(_alloc_streams[device]):
-            ws = torch.empty(floats, dtype=torch.float32, device=device)
-            cnt = torch.empty(counters, dtype=torch.int32, device=device)
-        ws.record_stream(stream)  # freed, the memory waits for the kernels queued on stream
-        cnt.record_stream(stream)
-        cnt.zero_()  # on the stream the kernels run on, so it is ordered before them
-    cache[key] = (ws, cnt)
-    return ws, cnt

@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import sys
 import sysconfig
-import threading
 import types
 import warnings
 from dataclasses import dataclass
@@ -649,7 +648,6 @@ def cuda_backend(runner, monkeypatch):
     if runner.device == "cpu":
         monkeypatch.setattr(_cuda_ext, "_ext", runner.ext)
         monkeypatch.setattr(CudaBackend, "not_supported_reasons", lambda self, x: [])
-    monkeypatch.setattr(_scratch, "_local", threading.local())
     fastpbn.set_backend("cuda")
     return runner
 

@@ -97,13 +97,17 @@ def ref_forward(x, w, b, rm, rv, training, momentum, eps):
 
 
 @pytest.fixture(autouse=True)
-def poisoned_workspace(request):
-    """Kernels must never rely on the scratch buffer's contents. Also seeds each case by its
-    name: different data per case, the same on every run."""
+def poisoned_workspace(request, monkeypatch):
+    """Kernels must never rely on the scratch buffer's contents: every call's is NaN here.
+    Also seeds each case by its name: different data per case, the same on every run."""
     torch.manual_seed(zlib.crc32(request.node.nodeid.encode()))
-    device = torch.empty(0, device=DEVICE).device  # with its index, as the kernels see it
-    ws, _ = _scratch.workspace(device, 1 << 16, 1024)
-    ws.fill_(NAN)
+
+    def workspace(device, floats, counters):
+        ws, cnt = _scratch.workspace(device, floats, counters)
+        return ws.fill_(NAN), cnt
+
+    for module in (stats, gradients):
+        monkeypatch.setattr(module, "workspace", workspace)
 
 
 def test_layout_views():
