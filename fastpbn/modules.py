@@ -170,7 +170,8 @@ def convert_model(module: nn.Module) -> nn.Module:
         new = _REPLACEMENTS.get(type(m))
         if new is not None:
             m.__class__ = new
-        elif isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in _STOCK:
+        elif (isinstance(m, nn.modules.batchnorm._BatchNorm)
+              and not isinstance(m, _FastPreciseBNMixin)):  # (a subclass, a parametrized one)
             left[type(m).__name__] = left.get(type(m).__name__, 0) + 1
     if left:
         kinds = ", ".join(f"{n} {name}" for name, n in left.items())

@@ -381,16 +381,21 @@ def test_convert_model_counts_the_bn_layers_it_leaves():
         def forward(self, x):
             return torch.relu(super().forward(x))
 
+    class Mine(FastPreciseBN2d):  # runs fastpbn already, as a parametrized layer does
+        pass
+
     model = nn.Sequential(BatchNormAct2d(3), BatchNormAct2d(3), nn.LazyBatchNorm2d(),
-                          nn.BatchNorm2d(3), FastPreciseBN2d(3))
+                          nn.BatchNorm2d(3), FastPreciseBN2d(3), Mine(3))
     with pytest.warns(UserWarning, match=r"left 3 BN layer.*\(2 BatchNormAct2d, 1 "
                                          r"LazyBatchNorm2d\)"):
         fastpbn.convert_model(model)
     assert [type(m) for m in model] == [BatchNormAct2d, BatchNormAct2d, nn.LazyBatchNorm2d,
-                                        FastPreciseBN2d, FastPreciseBN2d]
+                                        FastPreciseBN2d, FastPreciseBN2d, Mine]
+    parametrized = fastpbn.convert_model(nn.Sequential(nn.BatchNorm1d(3), nn.Conv2d(1, 1, 1)))
+    torch.nn.utils.parametrize.register_parametrization(parametrized[0], "weight", nn.Identity())
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        fastpbn.convert_model(nn.Sequential(nn.BatchNorm1d(3), nn.Conv2d(1, 1, 1)))
+        fastpbn.convert_model(parametrized)
 
 
 def test_revert_model_for_fusion_and_pickling():

@@ -108,8 +108,9 @@ def recompute_bn_stats(
         tol: stop once, in every selected layer and channel, the standard error of the mean
             (from the spread of per-call means) is at most ``tol`` x the population std;
             ``num_samples``/``num_batches`` are then upper limits. Distributed: every rank
-            must converge on its own data (conservative). With ``layers=None``, a layer that
-            has not run yet does not hold the pass up.
+            must converge on its own data (conservative). A layer that has not run yet holds
+            the pass up, since it may run later: with an auxiliary head that never runs, leave
+            it out with ``layers=`` to stop early.
         progress: show a tqdm bar (samples/s).
         process_group: merge per-rank statistics over this group (default: the default group
             when torch.distributed is initialized), exactly, weighted by counts; every rank
@@ -252,9 +253,11 @@ def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total,
 
 def _converged(accs, tol, group, distributed, required: bool,
                exhausted: bool) -> tuple[bool, bool]:
-    """(stop, converged); one host sync (and one collective when distributed). Unless
-    ``required``, layers that have not run count as converged."""
-    conv = torch.stack([(a.converged(tol) | (not required and a.idle()))
+    """(stop, converged); one host sync (and one collective when distributed). A layer that
+    has not run holds the pass up (it may run later) until the data is exhausted; then, unless
+    ``required``, it is left out of ``converged`` (it is left out of the result too)."""
+    idle_ok = exhausted and not required
+    conv = torch.stack([(a.converged(tol) | (idle_ok and a.idle()))
                         .to(accs[0].total.device) for a in accs]).all()
     flags = torch.stack([conv | exhausted, conv]).double()
     if distributed:
