@@ -56,18 +56,6 @@ def _dense(x: Tensor) -> bool:
     return True
 
 
-_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k)
-                       for k in ("FAKE", "PROXY", "FUNCTIONAL")
-                       if hasattr(torch._C._TorchDispatchModeKey, k))
-
-
-def caching_allowed() -> bool:
-    """Whether a buffer made now may be kept for later calls: not while a fake, proxy or
-    functional mode is active, whose tensors would then poison every later real call (other
-    dispatch modes, profilers and checkpointing policies, make real tensors)."""
-    return all(torch._C._get_dispatch_mode(k) is None for k in _TRACING_MODES)
-
-
 def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:
     """A float32 buffer of ``floats`` elements (contents undefined) and an int32 buffer of
     ``counters`` zeros on ``device``, for one call of a split reduction."""

@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._scratch import caching_allowed, output_like
+from ._scratch import output_like
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
@@ -36,6 +36,18 @@ def chan_merge_(
     m2.add_(m2_b).addcmul_(delta * delta, count * w)
     mean.addcmul_(delta, w)
     count.copy_(n)
+
+
+_TRACING_MODES = tuple(getattr(torch._C._TorchDispatchModeKey, k)
+                       for k in ("FAKE", "PROXY", "FUNCTIONAL")
+                       if hasattr(torch._C._TorchDispatchModeKey, k))
+
+
+def caching_allowed() -> bool:
+    """Whether a buffer made now may be kept for later calls: not while a fake, proxy or
+    functional mode is active, whose tensors would then poison every later real call (other
+    dispatch modes, profilers and checkpointing policies, make real tensors)."""
+    return all(torch._C._get_dispatch_mode(k) is None for k in _TRACING_MODES)
 
 
 # Grow-only scratch for the centred copy of x: a fresh multi-MB tensor per call costs more in

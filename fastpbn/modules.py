@@ -26,6 +26,7 @@ fastpbn's custom op in training and PyTorch's own op in eval (see ``fastpbn.ops.
 from __future__ import annotations
 
 import warnings
+from collections import Counter
 from typing import Optional
 
 import torch
@@ -165,14 +166,14 @@ def convert_model(module: nn.Module) -> nn.Module:
     Returns:
         ``module`` (converted itself when it is a stock BN layer).
     """
-    left: dict[str, int] = {}
+    left: Counter[str] = Counter()
     for m in module.modules():
         new = _REPLACEMENTS.get(type(m))
         if new is not None:
             m.__class__ = new
         elif (isinstance(m, nn.modules.batchnorm._BatchNorm)
               and not isinstance(m, _FastPreciseBNMixin)):  # (a subclass, a parametrized one)
-            left[type(m).__name__] = left.get(type(m).__name__, 0) + 1
+            left[type(m).__name__] += 1
     if left:
         kinds = ", ".join(f"{n} {name}" for name, n in left.items())
         warnings.warn(f"convert_model: left {sum(left.values())} BN layer(s) that are not stock "
