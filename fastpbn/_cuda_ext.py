@@ -54,6 +54,34 @@ def _find_nvcc() -> Optional[str]:
     return default if os.path.exists(default) else None
 
 
+def _has_cuda_headers(home: Optional[str]) -> bool:
+    return bool(home) and os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h"))
+
+
+def toolkit_home() -> Optional[str]:
+    """The CUDA toolkit directory that holds the runtime headers: ``CUDA_HOME``, ``CUDA_PATH``,
+    the directory above the nvcc that runs (links resolved), ``/usr/local/cuda``; or None."""
+    nvcc = _find_nvcc()
+    homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"),
+             os.path.dirname(os.path.dirname(os.path.realpath(nvcc))) if nvcc else None,
+             "/usr/local/cuda"]
+    return next((h for h in homes if _has_cuda_headers(h)), None)
+
+
+def _toolkit_flags(torch_cuda_home: Optional[str]) -> tuple[list[str], list[str]]:
+    """(include dirs, linker flags) for the CUDA toolkit where torch's guess of it has no
+    headers. Without CUDA_HOME / CUDA_PATH, torch.utils.cpp_extension takes the directory above
+    the nvcc on PATH: for a wrapper script (/usr/local/bin/nvcc exec'ing
+    /usr/local/cuda-13.0/bin/nvcc) that is /usr/local, and the binding, compiled by the host
+    compiler, failed on "cuda_runtime.h: No such file or directory" (nvcc finds its own)."""
+    home = None if _has_cuda_headers(torch_cuda_home) else toolkit_home()
+    if home is None:
+        return [], []
+    lib = os.path.join(home, "lib64")
+    lib = lib if os.path.isdir(lib) else os.path.join(home, "lib")
+    return [os.path.join(home, "include")], [f"-L{lib}"]
+
+
 def _find_ninja() -> Optional[str]:
     # pip's ninja lands next to the interpreter, which is not on PATH in an unactivated venv
     beside = os.path.join(os.path.dirname(sys.executable), "ninja")
@@ -108,7 +136,7 @@ def _summarize(e: BaseException) -> str:
 
 
 def _build():
-    from torch.utils.cpp_extension import load as load_extension
+    from torch.utils import cpp_extension
 
     # every visible GPU's architecture: a process may drive GPUs of different generations
     caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
@@ -122,10 +150,12 @@ def _build():
     try:
         with _source_dir() as src:
             sources = sorted(str(p) for p in src.glob("*.cu")) + [str(src / "fastpbn_cuda.cpp")]
-            return load_extension(
+            includes, ldflags = _toolkit_flags(cpp_extension.CUDA_HOME)
+            return cpp_extension.load(
                 name="fastpbn_cuda_" + "_".join(f"sm{a}{b}" for a, b in caps),
                 sources=sources,
-                extra_include_paths=[str(src)],
+                extra_include_paths=[str(src), *includes],
+                extra_ldflags=ldflags,
                 extra_cflags=["-O3"],
                 extra_cuda_cflags=["-O3", "-lineinfo"],
                 verbose=os.environ.get("FASTPBN_VERBOSE_BUILD", "0") == "1",

@@ -29,7 +29,9 @@ def through_ops() -> bool:
 
 
 def _param_grad(x: Tensor, weight: Optional[Tensor]) -> Tensor:
-    return x.new_empty(x.shape[1], dtype=weight.dtype if weight is not None else torch.float32)
+    """An empty (C,) weight or bias gradient: the weight's dtype, without one the statistics'
+    (float64 for float64 x, which only the torch backend serves; float32 otherwise)."""
+    return x.new_empty(x.shape[1], dtype=weight.dtype if weight is not None else stats_dtype(x))
 
 
 def stats_dtype(x: Tensor) -> torch.dtype:
@@ -78,6 +80,27 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
         x.new_empty(c, dtype=stats_dtype(x)),
         x.new_empty(c, dtype=stats_dtype(x)),
     )
+
+
+_WRITTEN = (3, 4, 8, 9, 10)  # the arguments of batch_norm_train that it writes
+
+
+def _train_op(*args):
+    """``batch_norm_train`` (the custom op) for a graph being compiled or fake tensors, its
+    written arguments passed as fresh copies and copied back after (C values each). torch
+    2.11's inductor copies a written argument that is a view at a nonzero storage offset
+    (running statistics kept as rows of one buffer, say) from the view's data pointer and then
+    applies the offset again, so the op read and wrote the wrong memory (measured: running_var
+    and an accumulator's mean and m2 wrong from the first compiled step). Dynamo cannot ask a
+    tensor for its storage offset, so every written argument is copied."""
+    args = list(args)
+    written = [(i, args[i]) for i in _WRITTEN if args[i] is not None]
+    for i, t in written:
+        args[i] = t.clone()
+    out = batch_norm_train(*args)
+    for i, t in written:
+        t.copy_(args[i])
+    return out
 
 
 def batch_norm_eval_no_grad(x, weight, bias, running_mean, running_var, eps, *, backend):
@@ -157,7 +180,7 @@ class BatchNormTrain(torch.autograd.Function):
         args = (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 acc_count, acc_mean, acc_m2)
         if through_ops():
-            y, mean, invstd = batch_norm_train(*args)
+            y, mean, invstd = _train_op(*args)
         else:
             y, mean, invstd = _train_impl(*args, backend=backend)
         ctx.backend = backend
@@ -194,6 +217,6 @@ def batch_norm_train_no_grad(*args, backend=None):
     """Training forward without an autograd node (nothing requires grad): the custom op while
     compiling, else a direct call on ``backend`` (resolved here when None)."""
     if through_ops():
-        return batch_norm_train(*args)
+        return _train_op(*args)
     return _train_impl(*args, backend=backend)
 

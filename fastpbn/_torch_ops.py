@@ -385,7 +385,8 @@ def backward(
             dw = (g * xhat).sum(dims)
         if output_mask[2]:
             db = g.sum(dims)
-    param_dtype = weight.dtype if weight is not None else torch.float32
+    # without a weight, the gradients stay in the work dtype (float64 for float64 x)
+    param_dtype = weight.dtype if weight is not None else _work_dtype(x)
     if dx is not None and dx.stride() != output_like(x, device="meta").stride():
         dx = output_like(x).copy_(dx)  # the layout every backend gives (the fake promises it)
     return (

@@ -123,6 +123,9 @@ def batch_norm_train(
     _check_channel_args(
         input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
     )
+    if (running_mean is None) != (running_var is None):  # as F.batch_norm
+        raise ValueError(
+            "running_mean and running_var must either both be None or neither be None")
     _verify_batch_size(input)
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")

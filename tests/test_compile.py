@@ -118,7 +118,10 @@ def test_compile_gpu(backend_name, channels_last):
 def test_compile_centred_path_and_accumulator(compiler):
     """The torch backend's centred path (>= 32K values on CPU) and an attached accumulator run
     inside compiled graphs through the custom op, whose outputs may not alias one another:
-    outputs, gradients, buffers and the accumulator equal eager."""
+    outputs, gradients, buffers and the accumulator equal eager, over two steps (the second
+    merges into a nonzero state). The second layer's running statistics are rows of one buffer
+    and the accumulator's fields views of one (3, C) tensor: views at a nonzero storage offset,
+    which torch 2.11's inductor read and wrote at the wrong place when the op wrote them."""
     fastpbn.set_backend("torch")
     torch._dynamo.reset()
     torch.manual_seed(1)
@@ -127,14 +130,18 @@ def test_compile_centred_path_and_accumulator(compiler):
     model = copy.deepcopy(eager)
     for m in (eager, model):
         m[4].accumulator = fastpbn.WelfordState(4, device=DEVICE)
+        store = torch.stack([m[4].running_mean, m[4].running_var])
+        m[4].running_mean, m[4].running_var = store.unbind(0)
+        assert m[4].running_var.storage_offset() > 0 and m[4].accumulator.m2.storage_offset() > 0
     compiled = torch.compile(model, fullgraph=True, backend=compiler)
-    x = torch.randn(8, 3, 24, 24, device=DEVICE) * 2 + 50  # 8·8·24·24 values at layer 1
-    ye, yc = eager(x), compiled(x)
-    close(yc, ye, "output")
-    backward_and_compare(eager, model, ye, yc, "grad of {}")
-    buffers_agree(eager, model, "buffer {}")
-    for f in ("count", "mean", "m2"):
-        close(getattr(model[4].accumulator, f), getattr(eager[4].accumulator, f), f)
+    for _ in range(2):
+        x = torch.randn(8, 3, 24, 24, device=DEVICE) * 2 + 50  # 8·8·24·24 values at layer 1
+        ye, yc = eager(x), compiled(x)
+        close(yc, ye, "output")
+        backward_and_compare(eager, model, ye, yc, "grad of {}")
+        buffers_agree(eager, model, "buffer {}")
+        for f in ("count", "mean", "m2"):
+            close(getattr(model[4].accumulator, f), getattr(eager[4].accumulator, f), f)
 
 
 def _odd_layouts():
