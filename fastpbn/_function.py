@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ._backend import get_backend
-from ._scratch import output_like
+from ._scratch import output_like, stats_dtype
 
 
 def through_ops() -> bool:
@@ -32,12 +32,6 @@ def _param_grad(x: Tensor, weight: Optional[Tensor]) -> Tensor:
     """An empty (C,) weight or bias gradient: the weight's dtype, without one the statistics'
     (float64 for float64 x, which only the torch backend serves; float32 otherwise)."""
     return x.new_empty(x.shape[1], dtype=weight.dtype if weight is not None else stats_dtype(x))
-
-
-def stats_dtype(x: Tensor) -> torch.dtype:
-    """The dtype of the saved statistics (mean, invstd): float64 for float64 x (served by the
-    torch backend), else float32."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 @torch.library.custom_op(

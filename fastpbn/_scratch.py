@@ -1,5 +1,6 @@
 """Scratch memory for the split reductions of both GPU backends (Triton K1 / K3, CUDA C++),
-and the layout every backend gives a normalized output (:func:`output_like`).
+and what every backend gives: a normalized output's layout (:func:`output_like`) and the
+dtype of its statistics (:func:`stats_dtype`).
 
 A reduction writes per-split partial sums into a float32 buffer and counts finished splits in
 an int32 buffer that must start at zero. Each call takes a fresh pair from PyTorch's caching
@@ -23,6 +24,12 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+
+def stats_dtype(x: Tensor) -> torch.dtype:
+    """The dtype of the saved statistics (mean, invstd) and the torch backend's work dtype:
+    float64 for float64 x (served by the torch backend only), else float32."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 def output_like(x: Tensor, dtype: torch.dtype | None = None, device=None) -> Tensor:

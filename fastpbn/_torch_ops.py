@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._scratch import output_like
+from ._scratch import output_like, stats_dtype
 
 
 def _channel_view(v: Tensor, x: Tensor) -> Tensor:
@@ -58,10 +58,6 @@ _SCRATCH_MAX_BYTES = 1 << 28
 _local = threading.local()  # one scratch per thread: concurrent callers must not share it
 
 
-def _work_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 def _thread_scratch(dtype: torch.dtype, need: int) -> Tensor:
     """This thread's grow-only CPU scratch (one for every dtype), as ``need`` values of
     ``dtype``; made outside inference mode, so it is usable in and out of it."""
@@ -80,7 +76,7 @@ _LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
 
 def _scratch_like(x: Tensor) -> Tensor:
     """An uninitialised float32 (float64 for float64 x) tensor laid out like empty_like(x)."""
-    need, dtype = x.numel(), _work_dtype(x)
+    need, dtype = x.numel(), stats_dtype(x)
     # CUDA's caching allocator already recycles memory (and a shared buffer would race across
     # streams): the scratch is for CPU only
     if x.device.type != "cpu" or need * dtype.itemsize > _SCRATCH_MAX_BYTES:
@@ -242,7 +238,7 @@ def _batch_norm_train64(
     x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(y, float64 mean, float64 biased var) of :func:`batch_norm_train`."""
-    pivot, mean_s, var = torch.empty(3, x.shape[1], dtype=_work_dtype(x), device=x.device)
+    pivot, mean_s, var = torch.empty(3, x.shape[1], dtype=stats_dtype(x), device=x.device)
     y = batch_norm_train(x, weight, bias, eps, pivot, mean_s, var)
     return (y, *moments64(pivot, mean_s, var))
 
@@ -285,12 +281,12 @@ def forward_train(
         y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, factor, eps
         )
-        work = _work_dtype(x)
+        work = stats_dtype(x)
         return y, save_mean.to(work), save_invstd.to(work)
     # one exact statistics pass serves the normalization, the float64 state and running stats
     n = x.numel() // x.shape[1]
     # three allocations: the two returned become the op's outputs, which may not alias
-    pivot, mean_s, var = (x.new_empty(x.shape[1], dtype=_work_dtype(x)) for _ in range(3))
+    pivot, mean_s, var = (x.new_empty(x.shape[1], dtype=stats_dtype(x)) for _ in range(3))
     y = batch_norm_train(x, weight, bias, eps, pivot, mean_s, var)
     if acc is not None:
         _merge_batch(acc, *moments64(pivot, mean_s, var), n)
@@ -374,7 +370,7 @@ def backward(
             grad_out, x, w, None, None, mean, invstd, True, 0.0, list(output_mask)
         )
     else:
-        dims, work = _reduce_dims(x), _work_dtype(x)
+        dims, work = _reduce_dims(x), stats_dtype(x)
         g = grad_out.to(work)
         dx = dw = db = None
         if output_mask[0]:
@@ -386,7 +382,7 @@ def backward(
         if output_mask[2]:
             db = g.sum(dims)
     # without a weight, the gradients stay in the work dtype (float64 for float64 x)
-    param_dtype = weight.dtype if weight is not None else _work_dtype(x)
+    param_dtype = weight.dtype if weight is not None else stats_dtype(x)
     if dx is not None and dx.stride() != output_like(x, device="meta").stride():
         dx = output_like(x).copy_(dx)  # the layout every backend gives (the fake promises it)
     return (
