@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from typing import Optional
 
 import torch
@@ -66,6 +68,23 @@ def _verify_batch_size(x: Tensor) -> None:
         )
 
 
+_UNTRACED = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _quiet_tracer():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
+
+
+def _size_checks():
+    """The context of the checks on sizes. Under ``torch.jit.trace`` sizes are traced tensors
+    and each check's outcome a constant of the trace, as in PyTorch's own checks, whose
+    TracerWarnings the tracer filters: so are these checks'."""
+    return _quiet_tracer() if torch.jit.is_tracing() else _UNTRACED
+
+
 def _stock_only(x: Tensor, *params: Optional[Tensor]) -> bool:
     """Where PyTorch's own kernel serves the call, with stock semantics: ``torch.jit.trace``,
     ``torch.func`` transforms and forward-mode AD (a dual tensor among x and ``params``)
@@ -120,13 +139,14 @@ def batch_norm_train(
         The normalized tensor.
     """
     _check_input(input)
-    _check_channel_args(
-        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-    )
-    if (running_mean is None) != (running_var is None):  # as F.batch_norm
-        raise ValueError(
-            "running_mean and running_var must either both be None or neither be None")
-    _verify_batch_size(input)
+    with _size_checks():
+        _check_channel_args(
+            input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+        )
+        if (running_mean is None) != (running_var is None):  # as F.batch_norm
+            raise ValueError(
+                "running_mean and running_var must either both be None or neither be None")
+        _verify_batch_size(input)
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
     acc = (None, None, None)
@@ -183,9 +203,10 @@ def batch_norm(
         raise ValueError(f"batch_norm eps must be non-negative, but got {eps}")
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be given when training=False")
-    _check_channel_args(
-        input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-    )
+    with _size_checks():
+        _check_channel_args(
+            input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
+        )
     args = (input, weight, bias, running_mean, running_var, eps)
     backend = _eager_backend(input)
     # compiled, exported and fake calls record PyTorch's op: the compiler folds it into a

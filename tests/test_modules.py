@@ -492,18 +492,24 @@ def _served_shape(backend):
 def test_jit_trace_records_the_stock_kernel(backend):
     """torch.jit.trace sees PyTorch's own ops only: a converted model records PyTorch's
     kernel, so the graph updates the running stats once a call and matches stock (it used to
-    update them twice)."""
+    update them twice), and traces without warnings, as stock does (fastpbn's size checks
+    raised TracerWarnings)."""
     torch.manual_seed(4)
     stock = nn.Sequential(nn.Conv2d(8, 8, 1), nn.BatchNorm2d(8), nn.ReLU()).to(DEVICE)
     ours = fastpbn.convert_model(copy.deepcopy(stock))
     xs = [shifted(*_served_shape(backend)) for _ in range(3)]
-    graph = torch.jit.trace(ours, xs[0], check_trace=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", torch.jit.TracerWarning)
+        graph = torch.jit.trace(ours, xs[0], check_trace=False)
+        eval_graph = torch.jit.trace(copy.deepcopy(ours).eval(), xs[0], check_trace=False)
     stock(xs[0])  # tracing ran the forward once
+    stock_after_first = copy.deepcopy(stock).eval()
     for x in xs[1:]:
         torch.testing.assert_close(graph(x), stock(x))
     state = graph.state_dict()
     for name, buf in stock.state_dict().items():
         torch.testing.assert_close(state[name], buf, msg=name)
+    torch.testing.assert_close(eval_graph(xs[1]), stock_after_first(xs[1]))
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
