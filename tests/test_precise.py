@@ -261,6 +261,34 @@ def test_num_samples_exact_and_lazy():
     assert_unchanged(model, snap)
 
 
+
+def test_limits_count_usable_samples_and_the_first_one_reached_ends_the_pass():
+    """Loader batches of one sample (skipped) count towards neither limit, so they cannot make
+    up for data too short for ``num_samples`` (8 usable samples passed for num_samples=10);
+    with both limits the pass ends at the first reached, and only data that ends before
+    either is an error (it named the limit not reached although the data held more)."""
+    model = cnn(12)
+    snap = snapshot(model)
+    eight, one = shifted(8, 1, 8, 8), shifted(1, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="num_samples=10 but the data ended after 8 "):
+            recompute_bn_stats(model, [eight, one, one], num_samples=10)
+        assert_unchanged(model, snap)
+        s = recompute_bn_stats(model, [eight, one, eight], num_samples=10, apply=False)
+        assert (s.num_samples, s.num_batches) == (10, 2)
+        assert_close_to_truth(s, ground_truth(model, [eight, eight[:2]]))
+        forty = [shifted(40, 1, 8, 8)]
+        for kw, used in [(dict(num_batches=2, num_samples=10), (10, 1)),
+                         (dict(num_batches=1, num_samples=10), (10, 1)),
+                         (dict(batch_size=3, num_batches=2, num_samples=10), (6, 2))]:
+            s = recompute_bn_stats(model, forty, apply=False, **kw)
+            assert (s.num_samples, s.num_batches) == used, kw
+        with pytest.raises(ValueError, match="num_samples=50 and num_batches=3: the data ended "
+                                             "after 40 samples and 1 batches"):
+            recompute_bn_stats(model, forty, num_samples=50, num_batches=3)
+    assert_unchanged(model, snap)
+
 def test_num_batches_with_and_without_batch_size(capsys):
     model = cnn(9)
     data = [shifted(8, 1, 8, 8) for _ in range(10)]

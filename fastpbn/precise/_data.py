@@ -106,35 +106,45 @@ def concat(parts: list[Any]) -> Any:
     return first
 
 
-def host_batches(
-    data: Iterable, input_fn: Callable, max_samples: Optional[int], max_items: Optional[int],
-    singles_skipped: bool = False,
-) -> Iterator[tuple[Any, int]]:
-    """(input, samples) per data item, stopping before pulling an item the limits exclude; the
-    item that crosses ``max_samples`` is cut so that exactly ``max_samples`` are used. With
-    ``singles_skipped`` (items are batches as they come), 1-sample items, which the pass
-    skips, still go out but count towards neither limit."""
-    it = iter(data)
-    pulled = items = 0
-    while (max_items is None or items < max_items) and (
-        max_samples is None or pulled < max_samples
-    ):
-        try:
-            item = next(it)
-        except StopIteration:
-            return
-        x = input_fn(item)
-        n = batch_len(x)
-        if singles_skipped and n == 1:
-            yield x, n
-            continue
-        if max_samples is not None and pulled + n > max_samples:
-            n = max_samples - pulled
-            x = slice_batch(x, 0, n)
-        items += 1
-        if n:
-            pulled += n
-            yield x, n
+class HostBatches:
+    """Iterable of (input, samples) per data item, stopping before pulling an item the limits
+    exclude; the item that crosses ``max_samples`` is cut so that exactly ``max_samples`` are
+    pulled. With ``singles_skipped`` (items are batches as they come), 1-sample items, which
+    the pass skips, still go out but count towards neither limit.
+
+    After the iteration, ``short`` says whether the data ran out before a limit was reached
+    (never without limits), and ``pulled`` / ``items`` how far it got towards them."""
+
+    def __init__(self, data: Iterable, input_fn: Callable, max_samples: Optional[int],
+                 max_items: Optional[int], singles_skipped: bool = False):
+        self.data, self.input_fn = data, input_fn
+        self.max_samples, self.max_items = max_samples, max_items
+        self.singles_skipped = singles_skipped
+        self.pulled = self.items = 0
+        self.short = False
+
+    def __iter__(self) -> Iterator[tuple[Any, int]]:
+        it = iter(self.data)
+        while (self.max_items is None or self.items < self.max_items) and (
+            self.max_samples is None or self.pulled < self.max_samples
+        ):
+            try:
+                item = next(it)
+            except StopIteration:
+                self.short = self.max_samples is not None or self.max_items is not None
+                return
+            x = self.input_fn(item)
+            n = batch_len(x)
+            if self.singles_skipped and n == 1:
+                yield x, n
+                continue
+            if self.max_samples is not None and self.pulled + n > self.max_samples:
+                n = self.max_samples - self.pulled
+                x = slice_batch(x, 0, n)
+            self.items += 1
+            if n:
+                self.pulled += n
+                yield x, n
 
 
 def _move(x: Any, device: torch.device) -> Any:

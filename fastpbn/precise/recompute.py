@@ -25,7 +25,7 @@ from ._collect import (
     layer_root,
     select_layers,
 )
-from ._data import default_input, host_batches, on_device, regroup
+from ._data import HostBatches, default_input, on_device, regroup
 from ._forward import Forward
 from .population import PopulationStats
 
@@ -74,9 +74,12 @@ def recompute_bn_stats(
             the compiler would trace and compile graphs for the pass alone.
         data: an iterable of items (tensor; tuple/list: first element; dict: the first of
             "input", "inputs", "image", "images", "img", "x").
-        num_samples: use exactly this many samples (the item that crosses it is cut); the
-            data must hold them. Per rank when distributed.
-        num_batches: number of normalization batches (forward calls) to run.
+        num_samples: use exactly this many samples (the item that crosses it is cut; a cut
+            that leaves one sample is skipped, with a warning, as below); the data must hold
+            them (loader batches of one sample, skipped when ``batch_size`` is None, do not
+            count). Per rank when distributed.
+        num_batches: number of normalization batches (forward calls) to run. With
+            ``num_samples`` too, the pass ends at whichever is reached first.
         batch_size: the normalization batch size. Loader batches are concatenated or split on
             the device to reach it (the paper's Table 2: use >= ~100). The last batch holds
             the remainder and is used when it has at least 2 samples; a batch of 1 sample is
@@ -182,17 +185,17 @@ def recompute_bn_stats(
         if num_batches is not None and batch_size is not None:
             cap = num_batches * batch_size
             max_samples = cap if max_samples is None else min(max_samples, cap)
-        source = regroup(on_device(host_batches(data, input_fn or default_input, max_samples,
-                                                max_items, batch_size is None), device),
-                         batch_size)
+        feed = HostBatches(data, input_fn or default_input, max_samples, max_items,
+                           singles_skipped=batch_size is None)
+        source = regroup(on_device(iter(feed), device), batch_size)
         forward = Forward(root, forward_fn, tracker, device if cuda_graph else None)
         # not inference_mode: tensors a model caches must stay usable
         with torch.no_grad(), eager_stance():
             run = _run(source, forward, accs, tracker, state, tol, tol_every, progress,
                        max_samples, stop_early, auto_stop, batch_size, group, distributed,
                        required)
-        samples, batches, converged = _check_run(run, accs, num_samples, num_batches, tol,
-                                                 group, distributed)
+        samples, batches, converged = _check_run(run, feed, accs, num_samples, num_batches,
+                                                 tol, group, distributed)
         if distributed:
             for acc in accs:
                 acc.all_reduce(group)
@@ -248,7 +251,7 @@ def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total,
     if tol is not None and not converged:
         warnings.warn(f"recompute_bn_stats: tol={tol} not reached after {batches} batches "
                       "(data or num_samples/num_batches ran out)", stacklevel=3)
-    return {"samples": samples, "skipped": skipped, "batches": batches, "converged": converged}
+    return {"samples": samples, "batches": batches, "converged": converged}
 
 
 def _converged(accs, tol, group, distributed, required: bool,
@@ -268,13 +271,12 @@ def _converged(accs, tol, group, distributed, required: bool,
     return bool(done), bool(conv)
 
 
-def _check_run(run, accs, num_samples, num_batches, tol, group, distributed):
-    """Totals over ranks and the errors every rank must raise together (before any merge)."""
+def _check_run(run, feed, accs, num_samples, num_batches, tol, group, distributed):
+    """Totals over ranks and the errors every rank must raise together (before any merge):
+    without ``tol``, data that ran out before ``num_samples`` / ``num_batches`` (the first
+    reached, when both are given) was reached."""
     local = torch.tensor(
-        [run["samples"], run["batches"],
-         tol is None and num_samples is not None
-         and run["samples"] + run["skipped"] < num_samples,
-         tol is None and num_batches is not None and run["batches"] < num_batches],
+        [run["samples"], run["batches"], tol is None and feed.short, feed.pulled],
         dtype=torch.float64, device=accs[0].total.device,
     )
     ranks = [local]
@@ -285,13 +287,18 @@ def _check_run(run, accs, num_samples, num_batches, tol, group, distributed):
         dist.all_gather(ranks, local, group=group)
     rows = [r.tolist() for r in ranks]
     where = lambda r: f" on rank {r}" if distributed else ""  # noqa: E731
-    for r, (s, b, short_samples, short_batches) in enumerate(rows):
-        if short_samples:
+    for r, (_, b, short, pulled) in enumerate(rows):
+        if not short:
+            continue
+        if num_batches is None:
             raise ValueError(f"num_samples={num_samples} but the data ended after "
-                             f"{int(s)} samples{where(r)}")
-        if short_batches:
+                             f"{int(pulled)} samples{where(r)}")
+        if num_samples is None:
             raise ValueError(f"num_batches={num_batches} but the data ended after "
                              f"{int(b)} batches{where(r)}")
+        raise ValueError(f"num_samples={num_samples} and num_batches={num_batches}: the data "
+                         f"ended after {int(pulled)} samples and {int(b)} batches{where(r)}, "
+                         "before either was reached")
     for r, row in enumerate(rows):  # distributed: every rank must contribute
         if row[0] == 0:
             raise ValueError(f"data yielded no samples{where(r)} (empty data, or only batches "
