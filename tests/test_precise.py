@@ -943,9 +943,9 @@ def test_cpu_population_pass_merges_once_per_forward_and_matches_per_call_mergin
 
 
 def test_cpu_pass_keeps_the_shift_only_where_the_mean_dwarfs_the_std():
-    """On small activations (PyTorch's kernel) the CPU fast path runs a layer unshifted after
-    its first call shows small |mean|/std, keeps the shift for a layer at |mean|/std = 1e4,
-    and both stay exact."""
+    """On small activations (PyTorch's kernel) the CPU fast path runs a layer unshifted while
+    its calls show small |mean|/std, keeps the shift for a layer at |mean|/std = 1e4, and
+    both stay exact."""
     from fastpbn.precise import _batched
 
     torch.manual_seed(37)
@@ -970,6 +970,24 @@ def test_cpu_pass_keeps_the_shift_only_where_the_mean_dwarfs_the_std():
     # |mean|/std = 1e4 with a rounded mean (ours is shifted), so the truth itself is off there
     assert_close_to_truth({"2": stats["2"]}, {"2": truth["2"]}, rtol=1e-4)
 
+
+
+@pytest.mark.parametrize("shape", [(16, 4, 6, 6), (16, 4, 32, 32)])  # PyTorch's kernel; centred
+def test_cpu_pass_shifts_a_layer_once_a_later_batch_is_far_from_zero(shape):
+    """The unshifted CPU path is checked on every call, not only the first: a layer whose first
+    batch is centred and whose second sits at |mean|/std = 1e4 kept its float32-rounded mean
+    for that batch (5e-4 std off in the per-call means of estimator="batch_mean")."""
+    gen = torch.Generator().manual_seed(38)
+    centred = torch.randn(*shape, generator=gen)
+    far = torch.randn(*shape, generator=gen) + 1e4
+    for batches in ([centred, far], [far, centred]):
+        stats = recompute_bn_stats(nn.BatchNorm2d(4), batches, estimator="batch_mean",
+                                   apply=False)[""]
+        per_call = [b.double().transpose(0, 1).reshape(4, -1) for b in batches]
+        mean = torch.stack([v.mean(1) for v in per_call]).mean(0)
+        var = torch.stack([v.var(1) for v in per_call]).mean(0)
+        assert ((stats.mean - mean).abs() / var.sqrt()).max() < 1e-6
+        torch.testing.assert_close(stats.var, var, rtol=1e-5, atol=0)
 
 class _ScaledStockBN(nn.BatchNorm2d):
     """A stock subclass whose forward normalizes something other than its input."""

@@ -11,11 +11,15 @@ the per-call means and variances likewise). The layers' ``WelfordState``\\ s are
 those flat vectors, so everything downstream is unchanged. A layer called twice in
 one forward flushes before its second call: every call counts.
 
-A layer's first call runs ``batch_norm_train`` with ``shift=False`` (large activations: no
-correction pass and no centred copy; small ones: PyTorch's kernel on x itself). If every
-channel shows |mean|/std < 5 the layer keeps that for the pass -- a float32 mean is then exact
-to ~1e-6 of the std (``_torch_ops.mean_dwarfs_std``) -- otherwise the call is redone shifted
-and the layer stays shifted.
+A layer's calls run ``batch_norm_train`` with ``shift=False`` (large activations: no
+correction pass and no centred copy; small ones: PyTorch's kernel on x itself) while every
+channel shows |mean|/std < 5 -- a float32 mean is then exact to ~1e-6 of the std
+(``_torch_ops.mean_dwarfs_std``). That is checked on the layer's first call and, where
+per-call means are kept (estimator "batch_mean", ``tol``), on every call: a later batch far
+from 0 carries a float32-rounded mean (5e-4 of its std at |mean|/std = 1e4), which the
+pooled statistics hide under the spread between the batches but a per-call mean does not.
+The first call that fails the check is redone shifted, and the layer stays shifted for the
+rest of the pass.
 
 The layers' call counting (``CallTracker``) happens inside these forwards: no module hook, so
 PyTorch calls them on its hook-free fast path.
@@ -58,7 +62,7 @@ class FlatStats:
         self.sizes = torch.tensor(sizes)
         self.staging = list(zip(*(t.split(sizes) for t in (self.pivot, self.mean_s, self.var))))
         self.n = [0] * len(layers)  # values per channel of each slot's pending batch (0: none)
-        # whether a slot's input needs the pivot shift (small tensors; decided on its 1st call)
+        # whether a slot's input needs the pivot shift (None: not yet called)
         self.shift: list[Optional[bool]] = [None] * len(layers)
         self.tracker = tracker
 
@@ -89,10 +93,11 @@ class FlatStats:
             grad = torch.is_grad_enabled() and any(
                 t is not None and t.requires_grad for t in (x, weight, bias))
             with torch.no_grad():
-                shift = self.shift[slot]  # None until the first call has decided
+                shift = self.shift[slot]
                 y = batch_norm_train(x, weight, bias, module.eps, pivot, mean_s, var,
                                      shift=bool(shift))
-                if shift is None:  # first call: keep the unshifted result if it is exact
+                # an unshifted result is kept where it is exact (see the module's docstring)
+                if not shift and (shift is None or self.per_call):
                     shift = self.shift[slot] = mean_dwarfs_std(pivot, mean_s, var)
                     if shift:
                         y = batch_norm_train(x, weight, bias, module.eps, pivot, mean_s, var)
