@@ -974,9 +974,11 @@ def test_cpu_pass_keeps_the_shift_only_where_the_mean_dwarfs_the_std():
 
 @pytest.mark.parametrize("shape", [(16, 4, 6, 6), (16, 4, 32, 32)])  # PyTorch's kernel; centred
 def test_cpu_pass_shifts_a_layer_once_a_later_batch_is_far_from_zero(shape):
-    """The unshifted CPU path is checked on every call, not only the first: a layer whose first
-    batch is centred and whose second sits at |mean|/std = 1e4 kept its float32-rounded mean
-    for that batch (5e-4 std off in the per-call means of estimator="batch_mean")."""
+    """With per-call statistics the unshifted CPU path is checked on every call, not only the
+    first: a layer whose first batch is centred and whose second sits at |mean|/std = 1e4
+    kept its float32-rounded mean for that batch (5e-4 std off in the per-call means of
+    estimator="batch_mean"). The pooled statistics keep the first call's decision: the spread
+    between the batches dwarfs that rounding."""
     gen = torch.Generator().manual_seed(38)
     centred = torch.randn(*shape, generator=gen)
     far = torch.randn(*shape, generator=gen) + 1e4
@@ -988,6 +990,10 @@ def test_cpu_pass_shifts_a_layer_once_a_later_batch_is_far_from_zero(shape):
         var = torch.stack([v.var(1) for v in per_call]).mean(0)
         assert ((stats.mean - mean).abs() / var.sqrt()).max() < 1e-6
         torch.testing.assert_close(stats.var, var, rtol=1e-5, atol=0)
+        pooled = recompute_bn_stats(nn.BatchNorm2d(4), batches, apply=False)[""]
+        values = torch.cat(per_call, 1)
+        assert ((pooled.mean - values.mean(1)).abs() / values.std(1)).max() < 1e-6
+        torch.testing.assert_close(pooled.var, values.var(1), rtol=1e-6, atol=0)
 
 class _ScaledStockBN(nn.BatchNorm2d):
     """A stock subclass whose forward normalizes something other than its input."""
