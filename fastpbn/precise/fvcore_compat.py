@@ -37,19 +37,32 @@ def update_bn_stats(
     recompute to train mode, and mind dropout and other stateful layers that are in train
     mode: they run as they are); the result is the pooled statistics of every value a layer
     saw, with ``running_var`` = M2/N (biased, as fvcore writes it); ``num_batches_tracked``
-    advances by one per call, as in fvcore. Differences, all fixes: the pooled variance is
-    computed in float64 from centred per-batch statistics (fvcore's E[x^2] - E[x]^2 in
-    float32 is 20-40 % off at |mean|/std = 1e3); a layer called several times per forward
-    accumulates every call (fvcore asserts); a layer that never ran is left unchanged with a
-    warning (fvcore writes zeros); other buffers the forward writes (a call counter, say) are
-    put back (fvcore leaves them changed); if the loop raises, the model is exactly as before.
+    advances by one per call, as in fvcore. A layer is measured on what it normalizes (fvcore
+    reads the buffers its forward wrote), also a BN subclass that transforms its input before
+    ``super().forward``; with three exceptions, measured on their input: a subclass that calls
+    ``F.batch_norm`` itself (which then normalizes that input), a stock layer whose ``forward``
+    a wrapper replaced on the instance, and ``nn.SyncBatchNorm`` -- whose statistics are
+    therefore this process's, where fvcore reads the ones synchronized across processes (use
+    :func:`fastpbn.recompute_bn_stats`, which merges them exactly over the process group).
+
+    Differences, all fixes: the pooled variance is computed in float64 from centred per-batch
+    statistics (fvcore's E[x^2] - E[x]^2 in float32 is 20-40 % off at |mean|/std = 1e3); a
+    layer called several times per forward accumulates every call (fvcore asserts), also one
+    called as ``bn(input=x)`` (fvcore fails); a layer that never ran is left unchanged with a
+    warning (fvcore writes zeros), and one whose ``track_running_stats`` is off is not
+    recomputed (fvcore fails on it or rescales its buffer); other buffers the forward writes
+    (a call counter, say) are put back (fvcore leaves them changed); if the loop raises, the
+    model is exactly as before. Arguments are checked (fvcore accepts ``num_iters=0``, which
+    writes zeros, and ignores any ``progress`` but "tqdm"), a short loader raises
+    ``ValueError`` (fvcore: ``AssertionError``), and so do non-finite statistics (fvcore
+    writes them).
 
     Args:
         model: the model whose training-mode BN layers are recomputed (a
             ``torch.compile``d model: its original module runs, eagerly).
         data_loader: an iterable; each item is passed to ``model`` unchanged.
         num_iters: number of items to run; the loader must yield at least that many.
-        progress: None or "tqdm" (a progress bar).
+        progress: "tqdm" (or True) for a progress bar; None or False for none.
     Returns:
         None (the buffers are updated in place).
     Raises:
@@ -57,8 +70,8 @@ def update_bn_stats(
     """
     if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
         raise ValueError(f"num_iters must be a positive integer, got {num_iters!r}")
-    if progress not in (None, "tqdm"):
-        raise ValueError(f"progress must be None or 'tqdm', got {progress!r}")
+    if progress not in (None, False, True, "tqdm"):  # (fvcore's callers pass False too)
+        raise ValueError(f"progress must be None, False, True or 'tqdm', got {progress!r}")
     root = layer_root(model)  # a compiled model: its original module runs the pass (eagerly)
     layers = [(n, m) for n, m in root.named_modules()
               if m.training and isinstance(m, BN_MODULE_TYPES) and has_running_stats(m)]
@@ -73,7 +86,7 @@ def update_bn_stats(
         state.enter(set_modes=False)
         state.install(accs, tracker)
         batches = itertools.islice(data_loader, num_iters)
-        if progress == "tqdm":  # (a disabled tqdm would still start its monitor thread)
+        if progress in ("tqdm", True):  # (a disabled tqdm would still start its monitor)
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, total=num_iters)
