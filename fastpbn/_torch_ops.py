@@ -75,17 +75,25 @@ _LAST_FORMATS = (torch.channels_last, torch.channels_last_3d)
 
 
 def _scratch_like(x: Tensor) -> Tensor:
-    """An uninitialised float32 (float64 for float64 x) tensor laid out like empty_like(x)."""
+    """An uninitialised float32 (float64 for float64 x) tensor laid out as ``output_like(x)``:
+    PyTorch's batch-norm kernels write an ``out=`` y in their input's layout, and leave the
+    saved statistics unwritten for an input in another dense order (a transposed view), so
+    the centred copy d that they read must have y's layout (contiguous or channels_last)."""
     need, dtype = x.numel(), stats_dtype(x)
+    if x.is_contiguous() or any(x.is_contiguous(memory_format=f) for f in _LAST_FORMATS):
+        stride = x.stride()
+    else:
+        stride = output_like(x, device="meta").stride()
     # CUDA's caching allocator already recycles memory (and a shared buffer would race across
     # streams): the scratch is for CPU only
     if x.device.type != "cpu" or need * dtype.itemsize > _SCRATCH_MAX_BYTES:
-        return torch.empty_like(x, dtype=dtype)
-    buf = _thread_scratch(dtype, need)
-    if x.is_contiguous() or any(x.is_contiguous(memory_format=f) for f in _LAST_FORMATS):
-        return buf.as_strided(x.shape, x.stride())  # what empty_like keeps for dense x
-    return buf.view(x.shape)
+        return torch.empty_strided(x.shape, stride, dtype=dtype, device=x.device)
+    return _thread_scratch(dtype, need).as_strided(x.shape, stride)
 
+
+# The centred path's mean(d²) - mean(d)² stands while mean(d)² <= mean(d²) / CANCEL (at most
+# a 1e-3 relative loss); past it, the variance takes one more pass about the mean
+CANCEL = 1000.0
 
 # CPU float tensors with at least this many values take the centred two-pass path; below it
 # PyTorch's one fused kernel call beats several vectorized passes
@@ -173,7 +181,12 @@ def batch_norm_train(
         if shift:
             src = torch.sub(x, _channel_view(pivot, x), out=_scratch_like(x))  # d
             centre = _channel_mean(src, mean_s)
-            _channel_mean(torch.mul(src, src, out=y), var).addcmul_(mean_s, mean_s, value=-1)
+            _channel_mean(torch.mul(src, src, out=y), var)  # mean(d²)
+            if torch.addcmul(var, mean_s, mean_s, value=-CANCEL).min().item() >= 0:
+                var.addcmul_(mean_s, mean_s, value=-1)
+            else:  # K is off by a fair part of the std somewhere (|mean|/std ~1e5 and up, a
+                # constant channel): mean(d²) - mean_s² would cancel, even below 0; centre d
+                _channel_mean(torch.sub(src, _channel_view(mean_s, x), out=y).square_(), var)
         else:  # K's rounding is negligible against the std: no correction pass, no d
             src, centre = x, pivot
             mean_s.zero_()

@@ -226,4 +226,5 @@ def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
     _check_input(x, "x")
     if x.numel() == 0:
         raise ValueError(f"x has no values per channel (shape {tuple(x.shape)})")
+    x = x.detach()  # statistics have no gradient (an activation may require one)
     return get_backend(x).batch_stats(x)

@@ -74,11 +74,13 @@ class WelfordState:
             self
         """
         self._check_input(x)
+        x = x.detach()  # statistics have no gradient (an activation may require one)
         saved = self._snapshot() if check else None
         get_backend(x).welford_update(x, self.count, self.mean, self.m2)
         if saved is not None and not self.is_finite():
             self._restore(saved)
-            raise ValueError("x contains non-finite values (NaN or Inf); state left unchanged")
+            raise ValueError("x contains non-finite values (NaN or Inf), or values whose "
+                             "squares overflow float32; state left unchanged")
         return self
 
     def merge(self, other: "WelfordState") -> "WelfordState":

@@ -248,3 +248,73 @@ def test_accumulator_that_does_not_fit_the_input_is_named():
     with pytest.raises(ValueError, match=r"accumulator \(4 channels, cpu\): x must have shape"):
         layer(torch.randn(2, 3, 4, 4))
     assert layer.accumulator.count.sum() == 0
+
+
+@pytest.mark.parametrize("scratch_cap", [None, 0])  # 0: the path above the CPU scratch's cap
+@pytest.mark.parametrize("make", [
+    lambda g: (torch.randn(2, 9, 40, generator=g) * 0.5 + 1.0).transpose(0, 1),  # dense, N<->C
+    lambda g: (torch.randn(8, 3, 6, 6, generator=g) * 0.5 + 1.0).contiguous(
+        memory_format=torch.channels_last)[::2],  # channels_last order, not dense
+])
+def test_centred_copy_takes_the_output_layout(monkeypatch, make, scratch_cap):
+    """The torch backend's centred copy d is laid out as y: PyTorch's out= kernel wrote y in
+    d's layout (y off by up to 5 for a sliced channels_last input with an accumulator, so a
+    recompute pass fed every later layer wrong values) and left the statistics unwritten for
+    a permuted d (garbage mean and var from batch_stats above the scratch's cap)."""
+    from fastpbn import FastPreciseBN2d, _torch_ops, batch_stats
+
+    if scratch_cap is not None:
+        monkeypatch.setattr(_torch_ops, "_SCRATCH_MAX_BYTES", scratch_cap)
+    g = torch.Generator().manual_seed(7)
+    x = make(g)
+    rmean, rvar, _ = batch_stats_reference(x)
+    mean, var, _ = batch_stats(x)
+    torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=0)
+    state = WelfordState(x.shape[1]).update(x)
+    torch.testing.assert_close(state.var(False), rvar, rtol=1e-5, atol=0)
+    if x.dim() == 4:
+        layer = FastPreciseBN2d(x.shape[1])
+        layer.accumulator = WelfordState(x.shape[1])
+        expected = torch.nn.functional.batch_norm(x.contiguous(), None, None, training=True)
+        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_constant_and_far_shifted_channels_on_the_centred_path():
+    """mean(d²) − mean(d)² cancelled where the first pass's float32 mean is off by a fair part
+    of the std: a constant channel at 1e4 got a negative variance (and recompute_bn_stats
+    refused a model whose zeroed conv filters leave constant channels), one quantized to an
+    ulp of its mean was 27x off. Such channels now take one more centred pass."""
+    from fastpbn import batch_stats, recompute_bn_stats
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(300, 6, 5, 25, generator=g)
+    x[:, :3] = torch.tensor([1e4, -3.3e3, 7.7e5]).view(1, 3, 1, 1)  # constant channels
+    x[:, 3] = 1e4 + torch.randint(0, 2, (300, 5, 25), generator=g) * 2.0 ** -3  # 1-ulp steps
+    rmean, rvar, _ = batch_stats_reference(x)
+    mean, var, _ = batch_stats(x)
+    assert torch.equal(var[:3], torch.zeros(3))
+    torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=1e-12)
+    conv = torch.nn.Conv2d(3, 4, 1)
+    with torch.no_grad():
+        conv.weight[:2] = 0  # channels 0, 1: their bias only
+        conv.bias[:2] = torch.tensor([1e4, -2e3])
+    stats = recompute_bn_stats(torch.nn.Sequential(conv, torch.nn.BatchNorm2d(4)),
+                               [torch.randn(300, 3, 5, 25, generator=g) for _ in range(2)],
+                               apply=False)
+    assert torch.equal(stats["1"].var[:2], torch.zeros(2, dtype=torch.float64))
+
+
+def test_statistics_of_a_tensor_that_requires_grad():
+    """An activation that requires grad (a training forward's): batch_stats and
+    WelfordState.update failed inside PyTorch ("out=... arguments don't support automatic
+    differentiation")."""
+    from fastpbn import batch_stats
+
+    x = (torch.randn(8, 3, 4, 4) * 2 + 1).requires_grad_()
+    mean, var, n = batch_stats(x)
+    rmean, rvar, _ = batch_stats_reference(x.detach())
+    torch.testing.assert_close(mean.double(), rmean, rtol=1e-6, atol=1e-6)
+    assert not mean.requires_grad and n == 128
+    state = WelfordState(3).update(x)
+    torch.testing.assert_close(state.var(False), rvar, rtol=1e-5, atol=0)
