@@ -774,6 +774,23 @@ def test_apply_errors_change_nothing():
     assert_unchanged(other, snap)
     with pytest.raises(ValueError, match="no layer 'features.1'"):
         stats.apply(nn.Sequential())
+    # statistics a float16 buffer cannot hold (they were written as inf, silently)
+    half = cnn(21)
+    half.features[8].half()
+    big = PopulationStats({n: (s.mean * 1e5, s.var * 1e10, s.count) for n, s in stats.items()})
+    snap = snapshot(half)
+    with pytest.raises(ValueError, match="features.8.*overflow.*float16"):
+        big.apply(half)
+    assert_unchanged(half, snap)
+    # a write that fails (an overlapping buffer) after others were written: all put back, and
+    # the error names the layer (the rollback failed on that buffer and hid it)
+    other = cnn(23)
+    last = other.features[8]
+    last.running_var = torch.ones(1).expand(last.num_features)
+    snap = snapshot(other)
+    with pytest.raises(RuntimeError, match="features.8.*cannot write"):
+        stats.apply(other)
+    assert_unchanged(other, snap)
 
 
 def test_apply_into_inference_buffers_names_the_layer_and_writes_nothing():

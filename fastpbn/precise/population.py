@@ -104,23 +104,36 @@ class PopulationStats(Mapping):
     def apply(self, model: nn.Module) -> None:
         """Write ``running_mean``/``running_var`` of every layer named here, in place, in the
         buffers' dtype and device. ``num_batches_tracked`` is left alone. Every layer is
-        checked first: a missing name or a channel mismatch raises ``ValueError`` and writes
-        nothing (so do inference-tensor buffers outside inference mode); a write that still
-        fails puts back what was written and raises naming the layer."""
-        modules = [(name, self._layer(model, name), s) for name, s in self._layers.items()]
+        checked first: a missing name, a channel mismatch or statistics that overflow the
+        buffers' dtype (float16) raise ``ValueError`` and write nothing (so do inference-tensor
+        buffers outside inference mode); a write that still fails puts back what was written
+        and raises naming the layer."""
+        writes = []
+        for name, s in self._layers.items():
+            m = self._layer(model, name)
+            for buf, value in ((m.running_mean, s.mean), (m.running_var, s.var)):
+                value = value.to(device=buf.device, dtype=buf.dtype)
+                if not bool(torch.isfinite(value).all()):
+                    raise ValueError(f"layer {name!r}: its statistics overflow its {buf.dtype} "
+                                     "running buffers (|mean| up to "
+                                     f"{s.mean.abs().max().item():.3g}, var up to "
+                                     f"{s.var.max().item():.3g})")
+                writes.append((name, buf, value))
         written: list[tuple[Tensor, Tensor]] = []
         try:
-            for name, m, s in modules:
-                for buf, value in ((m.running_mean, s.mean), (m.running_var, s.var)):
-                    written.append((buf, buf.clone()))  # a failing copy_ may still write
-                    try:
-                        buf.copy_(value)
-                    except RuntimeError as e:
-                        raise RuntimeError(f"layer {name!r}: cannot write its running "
-                                           f"statistics: {e}") from e
+            for name, buf, value in writes:
+                written.append((buf, buf.clone()))  # a failing copy_ may still write
+                try:
+                    buf.copy_(value)
+                except RuntimeError as e:
+                    raise RuntimeError(f"layer {name!r}: cannot write its running "
+                                       f"statistics: {e}") from e
         except BaseException:
             for buf, saved in reversed(written):
-                buf.copy_(saved)
+                try:  # the buffer whose write failed may refuse this one too
+                    buf.copy_(saved)
+                except RuntimeError:
+                    pass
             raise
 
     @torch.no_grad()
