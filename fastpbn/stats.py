@@ -8,6 +8,7 @@ rank's state in rank order: every rank ends bitwise identical.
 
 from __future__ import annotations
 
+import operator
 from typing import Optional
 
 import torch
@@ -28,9 +29,16 @@ class WelfordState:
     """
 
     def __init__(self, num_channels: int, device: Optional[torch.device | str] = None):
-        if int(num_channels) <= 0:
+        try:  # an integer (numpy's too), not a float, string or bool
+            if isinstance(num_channels, bool):
+                raise TypeError
+            channels = operator.index(num_channels)
+        except TypeError:
+            raise TypeError("num_channels must be an integer, got "
+                            f"{type(num_channels).__name__} {num_channels!r}") from None
+        if channels <= 0:
             raise ValueError(f"num_channels must be positive, got {num_channels}")
-        z = torch.zeros(3, int(num_channels), dtype=torch.float64, device=device)
+        z = torch.zeros(3, channels, dtype=torch.float64, device=device)
         self.count, self.mean, self.m2 = z.unbind(0)
 
     @property
@@ -119,6 +127,9 @@ class WelfordState:
             device: Optional[torch.device | str] = None) -> "WelfordState":
         """The channels of ``states`` side by side, in order, as one new state (on ``device``,
         default the first state's): lets per-layer results be computed in one go."""
+        states = list(states)
+        if not states:
+            raise ValueError("WelfordState.cat needs at least one state")
         device = states[0].device if device is None else device
         new = cls.__new__(cls)
         new.count, new.mean, new.m2 = (torch.cat([getattr(s, f).to(device) for s in states])

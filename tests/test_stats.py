@@ -112,8 +112,14 @@ def test_var_undefined_and_constructor_errors():
     assert torch.isnan(state.var()).all() and torch.equal(state.var(False), torch.zeros(2).double())
     with pytest.raises(ValueError, match="num_channels"):
         WelfordState(0)
+    for bad in (2.5, "3", True):  # (int() took them: 2.5 made 2 channels)
+        with pytest.raises(TypeError, match="num_channels must be an integer"):
+            WelfordState(bad)
+    assert WelfordState(torch.tensor(3)).num_channels == 3
     with pytest.raises(ValueError, match="same number of channels"):
         state.merge(WelfordState(3))
+    with pytest.raises(ValueError, match="at least one state"):
+        WelfordState.cat([])
 
 
 def test_accumulating_forward_updates_running_stats_like_stock(backend):
