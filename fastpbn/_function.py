@@ -77,6 +77,9 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
 
 
 _WRITTEN = (3, 4, 8, 9, 10)  # the arguments of batch_norm_train that it writes
+# only torch 2.12 and older need the copies (below); on torch 2.13 the copies themselves
+# made inductor write an offset view's memory wrongly (an accumulator's mean read its count)
+_COPY_WRITTEN = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
 
 
 def _train_op(*args):
@@ -87,6 +90,8 @@ def _train_op(*args):
     applies the offset again, so the op read and wrote the wrong memory (measured: running_var
     and an accumulator's mean and m2 wrong from the first compiled step). Dynamo cannot ask a
     tensor for its storage offset, so every written argument is copied."""
+    if not _COPY_WRITTEN:
+        return batch_norm_train(*args)
     args = list(args)
     written = [(i, args[i]) for i in _WRITTEN if args[i] is not None]
     for i, t in written:

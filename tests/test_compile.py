@@ -262,3 +262,29 @@ def test_compiled_empty_batch(backend):
     assert y.shape == x.shape and x.grad.shape == x.shape
     assert (layer.running_mean == 0).all() and (layer.running_var == 1).all()
     assert (layer.weight.grad == 0).all() and (layer.bias.grad == 0).all()
+
+
+def test_compiled_accumulator_and_offset_running_stats_on_small_inputs(monkeypatch):
+    """Inductor, small inputs (PyTorch's kernel inside the op), three steps, freshly compiled
+    (no cache): the accumulator (rows of one (3, C) tensor) and running statistics kept as rows
+    of one buffer match eager. On torch 2.13 the copies that torch 2.11 / 2.12 need around the
+    op's written arguments made inductor read the accumulator's count as its mean (mean 134
+    against 2 by the third step) and running_var from running_mean's memory."""
+    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = FastPreciseBN2d(3)
+    stats = torch.stack([torch.zeros(3), torch.ones(3)])
+    eager.running_mean, eager.running_var = stats[0], stats[1]
+    model = copy.deepcopy(eager)
+    for m in (eager, model):
+        m.accumulator = fastpbn.WelfordState(3)
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    for _ in range(3):
+        x = torch.randn(4, 3, 5, 5) + 2
+        torch.testing.assert_close(compiled(x), eager(x))
+    for name in ("count", "mean", "m2"):
+        torch.testing.assert_close(getattr(model.accumulator, name),
+                                   getattr(eager.accumulator, name), rtol=1e-9, atol=0)
+    torch.testing.assert_close(model.running_mean, eager.running_mean)
+    torch.testing.assert_close(model.running_var, eager.running_var)

@@ -10,12 +10,7 @@ layers leave alone, but other modules may write in ``forward``). Subclasses,
 and layers whose ``forward`` was replaced on the instance (a wrapper), keep their own
 ``forward`` (only the other exact stock and FastPreciseBN layers get the pass's fast
 forwards): a FastPreciseBN layer among them accumulates whatever ``FastPreciseBN.forward``
-normalizes. So does a subclass of a stock ``nn.BatchNorm1d/2d/3d``, whose class is swapped
-for the pass for one that puts FastPreciseBN's forward under its own (what its
-``super().forward(...)`` reaches: a transposed or scaled input, say); one that never reaches
-it in a call (it calls ``F.batch_norm`` itself, as timm's ``BatchNormAct2d``) is measured at
-its input, by a forward hook -- as is a wrapped exact stock layer and any other BN layer
-(``nn.SyncBatchNorm``), by the pre-hook.
+normalizes; a stock one is measured at its input, by the pre-hook.
 """
 
 from __future__ import annotations
@@ -35,8 +30,6 @@ from ..stats import WelfordState
 from ._batched import FlatStats
 
 FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
-_FAST_FOR = {nn.BatchNorm1d: FastPreciseBN1d, nn.BatchNorm2d: FastPreciseBN2d,
-             nn.BatchNorm3d: FastPreciseBN3d}
 # stock layers that borrow FastPreciseBN's forward for the pass: one statistics pass then serves
 # both their normalization and the accumulator (a hook would read every activation twice)
 BORROW_TYPES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
@@ -240,12 +233,9 @@ class PassState:
         self.layers = layers
         self.flags = [(m, m.training) for m in model.modules()]
         self.tracking = [(m, m.track_running_stats) for _, m in layers]
-        # stock subclasses (their own class, swapped for the pass: see _probe_class)
-        self.probed = [(m, type(m)) for _, m in layers if _probe_class(type(m)) is not None]
         self.accumulators = [
             (m, m.__dict__.get("accumulator", _MISSING)) for _, m in layers
             if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
-            or _probe_class(type(m)) is not None
         ]
         # layers whose forward is replaced for the pass (stock ones borrow FastPreciseBN's; on
         # the CPU fast path both kinds get a FlatStats forward): the exact classes only
@@ -287,14 +277,6 @@ class PassState:
         for i, ((name, m), acc) in enumerate(zip(self.layers, accs)):
             if i in served:  # the FlatStats forward counts the call: no hook
                 continue
-            probe = _probe_class(type(m))
-            if probe is not None:
-                m.__class__ = probe
-                m.accumulator = acc.target
-                self.handles.append(m.register_forward_pre_hook(_probe_pre_hook(i, tracker)))
-                self.handles.append(m.register_forward_hook(_probe_hook(name, acc),
-                                                            with_kwargs=True))
-                continue
             borrow = type(m) in BORROW_TYPES and id(m) not in self.wrapped
             fast = isinstance(m, FAST_TYPES) or borrow
             if borrow:
@@ -333,9 +315,6 @@ class PassState:
                 m.__dict__.pop("forward", None)
             else:
                 m.forward = forward
-        for m, cls in self.probed:
-            m.__class__ = cls
-            m.__dict__.pop("_fastpbn_reached", None)
         for m, flag in self.flags:
             object.__setattr__(m, "training", flag)
         for m, flag in self.tracking:
@@ -385,54 +364,6 @@ def _cpu_backend_is_torch() -> bool:
         return get_backend(torch.empty(1, 1)).name == "torch"
     except BackendUnavailable:
         return False
-
-
-_PROBES: dict[type, Optional[type]] = {}
-
-
-def _probe_class(cls: type) -> Optional[type]:
-    """For a subclass of a stock ``nn.BatchNorm1d/2d/3d`` (not a FastPreciseBN one): a
-    subclass of it whose MRO puts FastPreciseBN's forward, which accumulates, right under the
-    class's own -- so its ``super().forward(...)`` calls (or, without a forward of its own,
-    every call) measure what they normalize -- and notes on the instance that a call got
-    there. None for every other class."""
-    if cls not in _PROBES:
-        base = next((b for b in _FAST_FOR if issubclass(cls, b)), None)
-        probe = None
-        if base is not None and cls not in EXACT_TYPES and not issubclass(cls, FAST_TYPES):
-            fast = _FAST_FOR[base]
-
-            def forward(self, input):
-                self.__dict__["_fastpbn_reached"] = True
-                return fast.forward(self, input)
-
-            reached = type(f"Probe{fast.__name__}", (fast,), {"forward": forward})
-            probe = type(cls.__name__, (cls, reached), {"__module__": cls.__module__})
-        _PROBES[cls] = probe
-    return _PROBES[cls]
-
-
-def _probe_pre_hook(i: int, tracker: CallTracker):
-    def hook(module, args):
-        tracker.called(i)
-        module.__dict__["_fastpbn_reached"] = False
-
-    return hook
-
-
-def _probe_hook(name: str, acc: LayerAccumulator):
-    """After a probed layer's call: measure its input if the call never reached
-    FastPreciseBN's forward; then close the call (per-call statistics)."""
-    def hook(module, args, kwargs, output):
-        if not module.__dict__.get("_fastpbn_reached"):
-            x = args[0] if args else kwargs.get("input")
-            try:
-                acc.target.update(x, check=False)
-            except (TypeError, ValueError) as e:
-                raise type(e)(f"BN layer {name!r}: {e}") from e
-        acc.fold()
-
-    return hook
 
 
 def _pre_hook(i: int, name: str, acc: LayerAccumulator, tracker: CallTracker, feed: bool):

@@ -94,12 +94,8 @@ def recompute_bn_stats(
             statistics that the pass's forward runs (one that never runs, such as an auxiliary
             head that runs only in training, is left unchanged with a warning). Subclasses,
             and layers whose ``forward`` was replaced on the instance, keep their own
-            ``forward``. A subclass of FastPreciseBN or of a stock ``nn.BatchNorm1d/2d/3d``
-            is measured on what it normalizes wherever its forward reaches the BN forward
-            (``super().forward(...)``; for the pass its class is a subclass that puts
-            FastPreciseBN's forward there); one that calls ``F.batch_norm`` itself (timm's
-            ``BatchNormAct2d``), ``nn.SyncBatchNorm`` and a wrapped exact stock layer on
-            their input.
+            ``forward``; a FastPreciseBN layer is measured on what it normalizes (through
+            ``FastPreciseBN.forward``), any other such layer on its input.
         input_fn: ``input_fn(item)`` -> model input: a tensor or a structure (tuples,
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
             of them; 0-d tensors and other leaves ride along, taken from the first loader
