@@ -141,8 +141,8 @@ class HostBatches:
             if self.max_samples is not None and self.pulled + n > self.max_samples:
                 n = self.max_samples - self.pulled
                 x = slice_batch(x, 0, n)
-            self.items += 1
-            if n:
+            if n:  # (an empty item counts towards no limit)
+                self.items += 1
                 self.pulled += n
                 yield x, n
 

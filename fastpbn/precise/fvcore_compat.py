@@ -37,13 +37,14 @@ def update_bn_stats(
     recompute to train mode, and mind dropout and other stateful layers that are in train
     mode: they run as they are); the result is the pooled statistics of every value a layer
     saw, with ``running_var`` = M2/N (biased, as fvcore writes it); ``num_batches_tracked``
-    advances by one per call, as in fvcore. A layer is measured on what it normalizes (fvcore
-    reads the buffers its forward wrote), also a BN subclass that transforms its input before
-    ``super().forward``; with three exceptions, measured on their input: a subclass that calls
-    ``F.batch_norm`` itself (which then normalizes that input), a stock layer whose ``forward``
-    a wrapper replaced on the instance, and ``nn.SyncBatchNorm`` -- whose statistics are
-    therefore this process's, where fvcore reads the ones synchronized across processes (use
-    :func:`fastpbn.recompute_bn_stats`, which merges them exactly over the process group).
+    advances by one per call, as in fvcore. fvcore reads the buffers each forward wrote, so it
+    measures what a layer normalizes; here exact stock and FastPreciseBN layers (and
+    FastPreciseBN subclasses) are measured on what they normalize, while a stock BN subclass,
+    a stock layer whose ``forward`` a wrapper replaced on the instance and ``nn.SyncBatchNorm``
+    are measured on their input: a subclass that transforms its input before
+    ``super().forward`` (transposes or scales it) gets other statistics than fvcore's, and
+    ``nn.SyncBatchNorm`` gets this process's, where fvcore reads the ones synchronized across
+    processes (:func:`fastpbn.recompute_bn_stats` merges them exactly over the process group).
 
     Differences, all fixes: the pooled variance is computed in float64 from centred per-batch
     statistics (fvcore's E[x^2] - E[x]^2 in float32 is 20-40 % off at |mean|/std = 1e3); a

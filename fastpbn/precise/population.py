@@ -113,7 +113,8 @@ class PopulationStats(Mapping):
             m = self._layer(model, name)
             for buf, value in ((m.running_mean, s.mean), (m.running_var, s.var)):
                 value = value.to(device=buf.device, dtype=buf.dtype)
-                if not bool(torch.isfinite(value).all()):
+                # (float16 only: a host read per layer, and meta buffers have no values)
+                if buf.dtype == torch.float16 and not bool(torch.isfinite(value).all()):
                     raise ValueError(f"layer {name!r}: its statistics overflow its {buf.dtype} "
                                      "running buffers (|mean| up to "
                                      f"{s.mean.abs().max().item():.3g}, var up to "

@@ -288,7 +288,9 @@ def _check_run(run, feed, accs, num_samples, num_batches, tol, group, distribute
     rows = [r.tolist() for r in ranks]
     where = lambda r: f" on rank {r}" if distributed else ""  # noqa: E731
     for r, (_, b, short, pulled) in enumerate(rows):
-        if not short:
+        # (with batch_size, num_batches is a cap on samples: data that ends inside the last
+        # batch has still run them all)
+        if not short or (num_batches is not None and b >= num_batches):
             continue
         if num_batches is None:
             raise ValueError(f"num_samples={num_samples} but the data ended after "
