@@ -79,7 +79,7 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
 _WRITTEN = (3, 4, 8, 9, 10)  # the arguments of batch_norm_train that it writes
 # only torch 2.12 and older need the copies (below); on torch 2.13 the copies themselves
 # made inductor write an offset view's memory wrongly (an accumulator's mean read its count)
-_COPY_WRITTEN = tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < (2, 13)
+_COPY_WRITTEN = torch.__version__ < "2.13"  # (a TorchVersion compares with strings)
 
 
 def _train_op(*args):
