@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.autograd import forward_ad
 
 from . import _function, _torch_ops
-from ._backend import get_backend
+from ._backend import get_backend, requested_backend
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _HALF = (torch.float16, torch.bfloat16)
@@ -109,6 +109,28 @@ def _eager_backend(x: Tensor):
     return get_backend(x)
 
 
+# Eager calls on CUDA under ``auto`` that fastpbn's kernels would only slow down run PyTorch's
+# own kernel (cuDNN or native) with its C++ autograd node. Measured on an H100 (bench/NOTES.md,
+# bench/results/): an eager call through a Python autograd node and fastpbn's launches costs
+# 0.3 ms (training forward) to 1.1 ms (forward+backward) of host time against 0.04 / 0.17 ms
+# for stock, and was slower at every benchmark shape, the largest (100 MB) included. Not
+# handed off: calls with an accumulator (the statistics fused into the pass), momentum=None
+# (fastpbn reads 1/num_batches_tracked on the device; stock synchronizes), a backend named by
+# set_backend / FASTPBN_BACKEND, and compiled graphs (the custom ops). Tests set it to False.
+STOCK_EAGER_ON_CUDA = True
+
+
+def _stock_serves(x: Tensor, *params: Optional[Tensor]) -> bool:
+    """Whether an eager CUDA call without an accumulator goes to PyTorch's kernel (see
+    ``STOCK_EAGER_ON_CUDA``): only where PyTorch's CUDA kernel accepts the dtypes, i.e. every
+    per-channel tensor in one dtype, the input's or float32 (fastpbn also takes float16 /
+    bfloat16 parameters with float32 running statistics, which PyTorch refuses)."""
+    if not (STOCK_EAGER_ON_CUDA and x.is_cuda) or requested_backend() != "auto":
+        return False
+    dtypes = {t.dtype for t in params if t is not None}
+    return len(dtypes) <= 1 and dtypes <= {x.dtype, torch.float32}
+
+
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -168,9 +190,11 @@ def batch_norm_train(
         num_batches_tracked.add_(1)
     if stock_only:
         return _torch_ops.native_forward_train(*args[:8])
-    if (backend is not None and backend.name == "torch" and accumulator is None
-            and backend.native_train(input)):
-        return backend.native_forward_train(*args[:8])
+    if backend is not None and accumulator is None and (
+            backend.native_train(input) if backend.name == "torch"
+            else momentum is not None
+            and _stock_serves(input, weight, bias, running_mean, running_var)):
+        return _torch_ops.native_forward_train(*args[:8])
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormTrain.apply(*args, backend)[0]
     return _function.batch_norm_train_no_grad(*args, backend=backend)[0]
@@ -213,7 +237,8 @@ def batch_norm(
     # preceding convolution or fuses it with its neighbours, and exporters (ONNX,
     # AOTInductor) and programs loaded without fastpbn know it; fastpbn's eval kernel would
     # add nothing there
-    if backend is None or backend.name == "torch" or _stock_only(input, weight, bias):
+    if (backend is None or backend.name == "torch" or _stock_only(input, weight, bias)
+            or _stock_serves(input, weight, bias, running_mean, running_var)):
         return _torch_ops.forward_eval(*args)
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormEval.apply(*args, backend)

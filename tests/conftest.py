@@ -69,3 +69,12 @@ def backend(request, monkeypatch):
         monkeypatch.setattr(_torch_ops, "native_train", lambda x: False)
     fastpbn.set_backend(request.param.split("-")[0])
     return request.param
+
+
+@pytest.fixture(autouse=True)
+def _own_kernels_on_cuda(monkeypatch):
+    """Eager CUDA calls run fastpbn's kernels in tests, not PyTorch's (which ``auto`` takes
+    where they are faster: fastpbn.ops.STOCK_EAGER_ON_CUDA); tests of that hand-off set it."""
+    import fastpbn.ops
+
+    monkeypatch.setattr(fastpbn.ops, "STOCK_EAGER_ON_CUDA", False)

@@ -101,3 +101,34 @@ def test_torch_backend_keeps_every_tensor_on_a_non_cpu_device():
     dx, dw, db = _torch_ops.backward(torch.empty_like(y), x, w, mean, invstd, False,
                                      (True, True, True))
     assert dx.device.type == "meta" and dx.shape == x.shape
+
+
+@pytest.mark.gpu
+def test_auto_hands_eager_cuda_calls_to_stock_only_where_nothing_is_lost(monkeypatch):
+    """Under auto, eager CUDA calls without an accumulator run PyTorch's kernel and autograd
+    (faster there: see fastpbn.ops.STOCK_EAGER_ON_CUDA), with stock's results; fastpbn's own
+    path keeps the accumulator, momentum=None, a named backend, and dtypes PyTorch refuses."""
+    import fastpbn.ops
+
+    monkeypatch.setattr(fastpbn.ops, "STOCK_EAGER_ON_CUDA", True)
+    x = (torch.randn(8, 6, 5, 5, device="cuda") * 3 + 7).requires_grad_()
+
+    def step(momentum=0.1, dtype=None, accumulator=None):
+        bn = fastpbn.FastPreciseBN2d(6, momentum=momentum).cuda()
+        bn.accumulator = accumulator
+        ref = torch.nn.BatchNorm2d(6, momentum=momentum).cuda()
+        if dtype is not None:
+            bn.weight.data, bn.bias.data = bn.weight.data.to(dtype), bn.bias.data.to(dtype)
+        y = bn(x.to(dtype) if dtype else x)
+        torch.testing.assert_close(y.float(), ref(x), atol=2e-2 if dtype else 1e-5, rtol=1e-3)
+        torch.testing.assert_close(bn.running_mean, ref.running_mean)
+        return type(y.grad_fn).__name__
+
+    assert "BatchNormTrain" not in step()  # stock (cuDNN or native) node
+    acc = fastpbn.WelfordState(6, device="cuda")
+    assert "BatchNormTrain" in step(accumulator=acc)
+    assert acc.count[0].item() == 200
+    assert "BatchNormTrain" in step(momentum=None)
+    assert "BatchNormTrain" in step(dtype=torch.bfloat16)  # bf16 params, float32 stats
+    fastpbn.set_backend("triton" if HAS_TRITON else "cuda")
+    assert "BatchNormTrain" in step()

@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import FastPreciseBN2d, batch_stats
 from .._backend import get_backend
+from ..ops import _stock_serves
 from .timing import Timing, time_fn
 
 # BENCH.md: ResNet-50 BN shapes (C, H, W) at N = 32, 128, 256, plus stock BN's bad cases.
@@ -165,6 +166,10 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
     x = sets[0][0]
     backend = get_backend(x).name
     fast, stock = _modules(case.shape[1], device)
+    # what serves the module's passes: under auto, eager CUDA calls go to PyTorch's kernel
+    # (fastpbn.ops.STOCK_EAGER_ON_CUDA); FASTPBN_BACKEND=triton times fastpbn's kernels
+    served = "stock-kernel" if _stock_serves(x, fast.weight, fast.bias, fast.running_mean,
+                                             fast.running_var) else backend
     compiled = None
     if case.compile:
         torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no dynamic shapes
@@ -184,7 +189,8 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
 
     def record(pass_, mode, baseline, t, tb, graph=False):
         if t is not None and tb is not None:
-            records.append(make_record(case, pass_, mode, f"fastpbn[{backend}]", baseline, t,
+            impl = backend if pass_ == "stats" else served
+            records.append(make_record(case, pass_, mode, f"fastpbn[{impl}]", baseline, t,
                                        tb, copy_gbps, graph))
 
     if "stats" in case.passes.get("train", ()):
