@@ -109,26 +109,37 @@ def _eager_backend(x: Tensor):
     return get_backend(x)
 
 
-# Eager calls on CUDA under ``auto`` that fastpbn's kernels would only slow down run PyTorch's
-# own kernel (cuDNN or native) with its C++ autograd node. Measured on an H100 (bench/NOTES.md,
-# bench/results/): an eager call through a Python autograd node and fastpbn's launches costs
-# 0.3 ms (training forward) to 1.1 ms (forward+backward) of host time against 0.04 / 0.17 ms
-# for stock, and was slower at every benchmark shape, the largest (100 MB) included. Not
-# handed off: calls with an accumulator (the statistics fused into the pass), momentum=None
-# (fastpbn reads 1/num_batches_tracked on the device; stock synchronizes), a backend named by
-# set_backend / FASTPBN_BACKEND, and compiled graphs (the custom ops). Tests set it to False.
+# Eager calls on CUDA under ``auto`` where fastpbn's kernels lose run PyTorch's own kernel
+# (cuDNN or native) with its C++ autograd node. Measured on an H100 (bench/NOTES.md,
+# bench/results/nvidia-h100-80gb-hbm3/kernels-triton): an eager call through a Python autograd
+# node and fastpbn's launches costs 0.35 ms (training forward) to 1.1 ms (forward+backward) of
+# host time against 0.04 / 0.17 ms for stock, so stock wins below ~100 MB; above that fastpbn's
+# kernels win on contiguous (NCHW) inputs with many values per channel, where PyTorch's NCHW
+# kernel is slow (forward+backward 1.2-7x from 512K values per channel: ResNet's first stages
+# at batch >= 128, few-channel images), and in eval without autograd from 32M values (1.1-1.9x,
+# either layout); channels_last training stays with stock (0.5-1.0x at 200 MB). Never handed
+# off: calls with an accumulator (statistics fused into the pass), momentum=None (fastpbn reads
+# 1/num_batches_tracked on the device; stock synchronizes), a backend named by set_backend /
+# FASTPBN_BACKEND, and compiled graphs (the custom ops). Tests set it to False.
 STOCK_EAGER_ON_CUDA = True
+_OWN_MIN_PER_CHANNEL = 1 << 19  # contiguous inputs: fastpbn's kernels from this many per channel
+_OWN_MIN_EVAL_NUMEL = 1 << 25  # eval without autograd: fastpbn's kernel from this many values
 
 
-def _stock_serves(x: Tensor, *params: Optional[Tensor]) -> bool:
+def _stock_serves(x: Tensor, eval_no_grad: bool, *params: Optional[Tensor]) -> bool:
     """Whether an eager CUDA call without an accumulator goes to PyTorch's kernel (see
-    ``STOCK_EAGER_ON_CUDA``): only where PyTorch's CUDA kernel accepts the dtypes, i.e. every
-    per-channel tensor in one dtype, the input's or float32 (fastpbn also takes float16 /
-    bfloat16 parameters with float32 running statistics, which PyTorch refuses)."""
+    ``STOCK_EAGER_ON_CUDA``), where PyTorch's CUDA kernel accepts the dtypes: every per-channel
+    tensor in one dtype, the input's or float32 (fastpbn also takes float16 / bfloat16
+    parameters with float32 running statistics, which PyTorch refuses)."""
     if not (STOCK_EAGER_ON_CUDA and x.is_cuda) or requested_backend() != "auto":
         return False
     dtypes = {t.dtype for t in params if t is not None}
-    return len(dtypes) <= 1 and dtypes <= {x.dtype, torch.float32}
+    if len(dtypes) > 1 or not dtypes <= {x.dtype, torch.float32}:
+        return False
+    n = x.numel()
+    if x.is_contiguous() and n >= _OWN_MIN_PER_CHANNEL * x.shape[1]:
+        return False
+    return not (eval_no_grad and n >= _OWN_MIN_EVAL_NUMEL)
 
 
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
@@ -193,7 +204,7 @@ def batch_norm_train(
     if backend is not None and accumulator is None and (
             backend.native_train(input) if backend.name == "torch"
             else momentum is not None
-            and _stock_serves(input, weight, bias, running_mean, running_var)):
+            and _stock_serves(input, False, weight, bias, running_mean, running_var)):
         return _torch_ops.native_forward_train(*args[:8])
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormTrain.apply(*args, backend)[0]
@@ -238,7 +249,8 @@ def batch_norm(
     # AOTInductor) and programs loaded without fastpbn know it; fastpbn's eval kernel would
     # add nothing there
     if (backend is None or backend.name == "torch" or _stock_only(input, weight, bias)
-            or _stock_serves(input, weight, bias, running_mean, running_var)):
+            or _stock_serves(input, not _needs_autograd(input, weight, bias), weight, bias,
+                             running_mean, running_var)):
         return _torch_ops.forward_eval(*args)
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormEval.apply(*args, backend)

@@ -130,5 +130,11 @@ def test_auto_hands_eager_cuda_calls_to_stock_only_where_nothing_is_lost(monkeyp
     assert acc.count[0].item() == 200
     assert "BatchNormTrain" in step(momentum=None)
     assert "BatchNormTrain" in step(dtype=torch.bfloat16)  # bf16 params, float32 stats
+    # fastpbn's kernels where they beat PyTorch's: NCHW with >= 512K values per channel
+    big = fastpbn.FastPreciseBN2d(1).cuda()
+    x_big = torch.randn(2, 1, 512, 512, device="cuda", requires_grad=True)
+    assert "BatchNormTrain" in type(big(x_big).grad_fn).__name__
+    x_cl = x_big.detach().contiguous(memory_format=torch.channels_last).requires_grad_()
+    assert "BatchNormTrain" not in type(big(x_cl[:, :, 1:]).grad_fn).__name__
     fastpbn.set_backend("triton" if HAS_TRITON else "cuda")
     assert "BatchNormTrain" in step()

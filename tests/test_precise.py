@@ -29,7 +29,8 @@ def cnn(seed=0, **kw):
 def ground_truth(model, batches, names=None, forward=None):
     """Per selected layer: float64 (pooled mean, pooled unbiased var, mean of per-call means,
     mean of per-call unbiased vars, count), from the layer's inputs on the same batches, with
-    the selected layers in train mode and every other module in eval mode."""
+    the selected layers in train mode and every other module in eval mode; on the CPU, where
+    PopulationStats keeps its statistics (whatever the model's device)."""
     m = copy.deepcopy(model)
     if names is None:
         names = [n for n, mod in m.named_modules() if has_running_stats(mod)]
@@ -40,7 +41,7 @@ def ground_truth(model, batches, names=None, forward=None):
         layer = m.get_submodule(n)
         layer.training = True
         layer.register_forward_pre_hook(
-            lambda mod, args, n=n: seen[n].append(args[0].detach().double())
+            lambda mod, args, n=n: seen[n].append(args[0].detach().to("cpu", torch.float64))
         )
     with torch.no_grad():
         for b in batches:

@@ -67,6 +67,11 @@ def test_gpu_compiled_with_cuda_graph_trees_matches_eager(backend_name):
     fast = fastpbn.convert_model(copy.deepcopy(stock))
     compiled = torch.compile(fast, mode="reduce-overhead")
     for step, hw in enumerate([32, 32, 32, 16, 16, 32, 16, 32]):
+        # each step's own gradients, as a training loop's zero_grad gives: a compiled backward's
+        # .grad lives in the graph trees' pool, which the next step reuses (accumulating into
+        # it would read memory the trees have handed on)
+        stock.zero_grad(set_to_none=True)
+        fast.zero_grad(set_to_none=True)
         x = torch.randn(8, 3, hw, hw, device="cuda") * 3 + step
         want = stock(x)
         torch.compiler.cudagraph_mark_step_begin()

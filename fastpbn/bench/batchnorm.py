@@ -167,9 +167,16 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
     backend = get_backend(x).name
     fast, stock = _modules(case.shape[1], device)
     # what serves the module's passes: under auto, eager CUDA calls go to PyTorch's kernel
-    # (fastpbn.ops.STOCK_EAGER_ON_CUDA); FASTPBN_BACKEND=triton times fastpbn's kernels
-    served = "stock-kernel" if _stock_serves(x, fast.weight, fast.bias, fast.running_mean,
-                                             fast.running_var) else backend
+    # where it is faster (fastpbn.ops.STOCK_EAGER_ON_CUDA); FASTPBN_BACKEND=triton times
+    # fastpbn's kernels everywhere
+    def served(pass_, mode):
+        if pass_ == "stats":
+            return backend
+        eval_no_grad = mode == "eval" and pass_ == "forward"
+        stock_ = _stock_serves(x, eval_no_grad, fast.weight, fast.bias, fast.running_mean,
+                               fast.running_var)
+        return "stock-kernel" if stock_ else backend
+
     compiled = None
     if case.compile:
         torch._dynamo.reset()  # each case compiles afresh: no recompile limit, no dynamic shapes
@@ -189,8 +196,8 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
 
     def record(pass_, mode, baseline, t, tb, graph=False):
         if t is not None and tb is not None:
-            impl = backend if pass_ == "stats" else served
-            records.append(make_record(case, pass_, mode, f"fastpbn[{impl}]", baseline, t,
+            records.append(make_record(case, pass_, mode, f"fastpbn[{served(pass_, mode)}]",
+                                       baseline, t,
                                        tb, copy_gbps, graph))
 
     if "stats" in case.passes.get("train", ()):
