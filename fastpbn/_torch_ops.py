@@ -2,7 +2,9 @@
 
 Serves every device and dtype. Batch statistics are centred (see :func:`batch_norm_train`), so
 they keep full float32 precision at any |mean|/std; batches are merged into float64 state with
-Chan's formula.
+Chan's formula. PyTorch's kernels are called with ``out=`` on the CPU only, where their
+behaviour was checked (CUDA's differ: :func:`_kernel_stats`); every output comes back in the
+layout :func:`~fastpbn._scratch.output_like` gives, whatever layout a kernel chose.
 """
 
 from __future__ import annotations
@@ -101,8 +103,8 @@ CENTRED_MIN_NUMEL = 1 << 15
 
 
 def _empty(x: Tensor) -> Tensor:
-    """A size-0 tensor on x's device for the eval kernel's unused outputs (on the CPU one per
-    thread and dtype)."""
+    """A size-0 tensor for the CPU eval kernel's unused outputs (one per thread and dtype; the
+    CPU kernel leaves them alone, so one tensor serves as both)."""
     if x.device.type != "cpu" or not caching_allowed():
         return x.new_empty(0)
     empty = _local.__dict__.setdefault("empty", {})
@@ -110,6 +112,47 @@ def _empty(x: Tensor) -> Tensor:
         with torch.inference_mode(False):
             empty[x.dtype] = x.new_empty(0)
     return empty[x.dtype]
+
+
+def _kernel_stats(x: Tensor) -> bool:
+    """Whether :func:`batch_norm_train`'s general path takes the statistics from PyTorch's
+    training kernel run with eps = 0 and y from its eval kernel, both with ``out=``: on the
+    CPU, where that was measured fastest and where those kernels leave an eval call's
+    save_mean / save_invstd alone and report invstd = 0 for var = 0. Not elsewhere: CUDA's
+    ``batch_norm_cuda_out`` in eval resizes save_mean, copies the running mean into it and then
+    writes invstd into save_invstd (one scratch passed as both normalized by invstd), and
+    reports invstd = rsqrt(0) = inf; there the statistics are one ``torch.var_mean`` and y one
+    ``addcmul`` (:func:`_normalize`), documented ops on any device."""
+    return x.device.type == "cpu"
+
+
+def _normalize(d: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], mean: Tensor,
+               var: Tensor, eps: float, out: Tensor) -> Tensor:
+    """``out = (d − mean)·weight/sqrt(var + eps) + bias`` as one pass, ``d·scale + shift``
+    with per-channel scale and shift (in the statistics' dtype), written in out's own layout
+    and dtype. d is centred near the mean (or |mean|/std is small), so shift = bias −
+    mean·scale loses nothing."""
+    scale = torch.add(var, eps).rsqrt_()
+    if weight is not None:
+        scale.mul_(weight)
+    shift = torch.mul(mean, scale).neg_()
+    if bias is not None:
+        shift.add_(bias)
+    return torch.addcmul(_channel_view(shift, d), d, _channel_view(scale, d), out=out)
+
+
+def _in_output_layout(t: Tensor, x: Tensor) -> Tensor:
+    """t (shaped like x) in the layout :func:`output_like` gives x, copied only where it is
+    not (the fakes promise output_like's): CUDA's training kernel gives y ``empty_like(x)``,
+    x's own strides for a dense permutation (a transposed view), where its CPU kernel gives
+    x's suggested memory format; a backward kernel's dx may come in another layout too."""
+    if t.stride() == output_like(x, device="meta").stride():
+        return t
+    return output_like(x).copy_(t)
+
+
+# PyTorch's training kernel (a module attribute: a test swaps in one with CUDA's output layout)
+_native_batch_norm = torch.ops.aten.native_batch_norm
 
 
 def _centred_ok(x: Tensor) -> bool:
@@ -159,10 +202,12 @@ def batch_norm_train(
     computation in vectorized PyTorch passes. K is the mean from a first
     pass; d = x − K; mean_s = mean(d) and var = mean(d²) − mean_s² (the corrected two-pass
     algorithm: mean_s is only K's rounding error, so nothing cancels); y = (d − mean_s)·w/
-    sqrt(var + eps) + b by PyTorch's eval kernel on d. Everything else (small NCHW CPU
-    tensors, where PyTorch's kernel sums in float64; other devices): PyTorch's training kernel
-    run on x − K with K a sample of each channel and eps = 0 (var = invstd⁻², exact even where
-    var ≪ eps), then y by its eval kernel.
+    sqrt(var + eps) + b by PyTorch's eval kernel on d. Everything else: d = x − K with K a
+    sample of each channel; on the CPU (small NCHW tensors, where PyTorch's kernel sums in
+    float64) PyTorch's training kernel run on d with eps = 0 (var = invstd⁻², exact even where
+    var ≪ eps), then y by its eval kernel; on other devices (CUDA, see :func:`_kernel_stats`)
+    mean_s and var by ``torch.var_mean`` on d (exact), then y by one pass
+    (:func:`_normalize`).
 
     ``shift=False`` is for data whose |mean|/std is known to be small (see
     :func:`mean_dwarfs_std`), where K's rounding is ~1e-6 of the std at most: the large-tensor
@@ -205,6 +250,11 @@ def batch_norm_train(
         d = x if x.dtype in (torch.float32, torch.float64) else x.float()
     if weight is not None and weight.dtype != d.dtype:
         weight, bias = weight.to(d.dtype), None if bias is None else bias.to(d.dtype)
+    if not _kernel_stats(d):  # (CUDA) Welford in the work dtype on d, then y in x's dtype
+        v, m = torch.var_mean(d, _reduce_dims(d), correction=0)
+        var.copy_(v)
+        mean_s.copy_(m)
+        return _normalize(d, weight, bias, mean_s, var, eps, output_like(x))
     y = output_like(x, d.dtype)  # x's layout: d may be a contiguous copy
     # the statistics with eps = 0: var from invstd = 1/sqrt(var + eps) would lose
     # ~2.4e-7 * eps/var relatively (2e-3 at std 1e-5 with eps 1e-5) ...
@@ -293,9 +343,11 @@ def forward_train(
 ) -> tuple[Tensor, Tensor, Tensor]:
     factor = _momentum(momentum, num_batches_tracked) if running_mean is not None else 0.0
     if acc is None and not _centred_ok(x):
-        y, save_mean, save_invstd = torch.ops.aten.native_batch_norm(
+        y, save_mean, save_invstd = _native_batch_norm(
             x, weight, bias, running_mean, running_var, True, factor, eps
         )
+        if not x.is_contiguous():  # CUDA's y has x's own strides (a transposed view's too)
+            y = _in_output_layout(y, x)
         work = stats_dtype(x)
         return y, save_mean.to(work), save_invstd.to(work)
     # one exact statistics pass serves the normalization, the float64 state and running stats
@@ -398,8 +450,8 @@ def backward(
             db = g.sum(dims)
     # without a weight, the gradients stay in the work dtype (float64 for float64 x)
     param_dtype = weight.dtype if weight is not None else stats_dtype(x)
-    if dx is not None and dx.stride() != output_like(x, device="meta").stride():
-        dx = output_like(x).copy_(dx)  # the layout every backend gives (the fake promises it)
+    if dx is not None:  # the layout every backend gives (the fake promises it)
+        dx = _in_output_layout(dx, x)
     return (
         dx if output_mask[0] else None,
         dw.to(param_dtype) if output_mask[1] and dw is not None else None,

@@ -177,6 +177,34 @@ def test_custom_ops_fake_strides_match_every_layout(backend, training):
                               test_utils=("test_schema", "test_faketensor"))
 
 
+def test_torch_backend_op_strides_whatever_layout_the_kernel_gives(monkeypatch):
+    """PyTorch's CUDA training kernel gives y ``empty_like(x)``, x's own strides for a dense
+    permutation (its CPU kernel: x's suggested memory format): the torch backend's op still
+    returns the fake's layout (opcheck failed on CUDA: (72, 1, 8) vs (72, 9, 1)). CUDA's
+    layout simulated on any device."""
+    from fastpbn import _function, _torch_ops
+    from fastpbn._scratch import output_like
+
+    real = _torch_ops._native_batch_norm
+
+    def cuda_layout(x, *args):
+        y, mean, invstd = real(x, *args)
+        return torch.empty_like(x).copy_(y), mean, invstd
+
+    monkeypatch.setattr(_torch_ops, "_native_batch_norm", cuda_layout)
+    fastpbn.set_backend("torch")
+    layouts = _odd_layouts().values()
+    assert any(torch.empty_like(x).stride() != output_like(x, device="meta").stride()
+               for x in layouts)
+    for x in layouts:
+        c = x.shape[1]
+        args = (x, torch.rand(c, device=DEVICE) + 0.5, torch.randn(c, device=DEVICE),
+                torch.zeros(c, device=DEVICE), torch.ones(c, device=DEVICE), None, 0.1, 1e-5,
+                None, None, None)
+        torch.library.opcheck(_function.batch_norm_train, args,
+                              test_utils=("test_schema", "test_faketensor"))
+
+
 def test_compiled_backward_on_a_transposed_sequence():
     """BatchNorm1d on a transposed (N, L, C) sequence, compiled with inductor through the
     backward: the graph's stride assertions hold (they failed on the fakes' strides)."""
@@ -220,7 +248,8 @@ def test_export_keeps_the_training_op_and_records_stock_eval(tmp_path):
         assert not any("fastpbn" in t for t in targets(p)), targets(p)
     torch.testing.assert_close(program.module()(x), model(x))
     torch.export.save(program, tmp_path / "bn.pt2")
-    torch.save({"x": x.cpu(), "y": model(x).cpu()}, tmp_path / "io.pt")
+    # on the program's device (torch.load puts them back there): its weights are on DEVICE
+    torch.save({"x": x, "y": model(x).detach()}, tmp_path / "io.pt")
     script = ("import sys, torch; p = torch.export.load(sys.argv[1]); io = torch.load(sys.argv[2]);"
               "torch.testing.assert_close(p.module()(io['x']), io['y']);"
               "assert 'fastpbn' not in sys.modules")

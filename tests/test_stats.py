@@ -138,6 +138,58 @@ def test_accumulating_forward_updates_running_stats_like_stock(backend):
     assert_matches_all_data(ours.accumulator, batches)
 
 
+def _off_the_cpu(monkeypatch):
+    """The torch backend's choices as on a CUDA tensor: no centred CPU passes, and the general
+    path's statistics and y without PyTorch's batch-norm kernels (``_kernel_stats``)."""
+    from fastpbn import _torch_ops
+
+    for name in ("_centred_ok", "_sums_in_float32", "_kernel_stats"):
+        monkeypatch.setattr(_torch_ops, name, lambda x: False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last", "transposed", "permuted", "2d"])
+def test_accumulating_forward_off_the_cpu_kernels(monkeypatch, layout, dtype):
+    """The torch backend's statistics path as it runs on CUDA tensors, forced on any device:
+    mean and var by torch.var_mean on pivot-shifted data, y by one addcmul. (It ran PyTorch's
+    kernels with out=, whose CUDA eval call wrote invstd over the mean when one scratch served
+    as both of its unused outputs: every y normalized by invstd.) y, its dtype and stock's
+    layout, the running statistics and the accumulator match float64, far from zero too."""
+    import fastpbn
+    from fastpbn import FastPreciseBN1d, FastPreciseBN2d
+    from fastpbn._scratch import output_like
+    from fastpbn.reference import batch_norm_reference
+
+    _off_the_cpu(monkeypatch)
+    fastpbn.set_backend("torch")
+    g = torch.Generator().manual_seed(7)
+    mean, std = (1e4, 1.0) if dtype in (torch.float32, torch.float64) else (30.0, 2.0)
+    shape = {"2d": (37, 3), "transposed": (4, 9, 3)}.get(layout, (4, 3, 5, 6))
+    x = (torch.randn(*shape, generator=g, dtype=torch.float64) * std + mean).to(DEVICE, dtype)
+    x = {"channels_last": lambda t: t.to(memory_format=torch.channels_last),
+         "transposed": lambda t: t.transpose(1, 2),
+         "permuted": lambda t: t.permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3),
+         }.get(layout, lambda t: t)(x)
+    layer = (FastPreciseBN2d if x.dim() == 4 else FastPreciseBN1d)(3).to(DEVICE, dtype)
+    with torch.no_grad():
+        layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
+        layer.running_mean.fill_(1.0), layer.running_var.fill_(2.0)
+    w, b, rm, rv = (t.detach().double().clone() for t in (
+        layer.weight, layer.bias, layer.running_mean, layer.running_var))
+    layer.accumulator = WelfordState(3, device=DEVICE)
+    y = layer(x)
+    yr, rmr, rvr = batch_norm_reference(x.double(), rm, rv, w, b, True, 0.1, 1e-5)
+    assert y.dtype == dtype and y.stride() == output_like(x, device="meta").stride()
+    tol = {torch.float16: 2e-3, torch.bfloat16: 2e-2}.get(dtype, 1e-5)
+    torch.testing.assert_close(y.double(), yr, rtol=tol, atol=tol)
+    rtol = {torch.float16: 1e-3, torch.bfloat16: 1e-2}.get(dtype, 1e-6)  # the buffers' dtype
+    torch.testing.assert_close(layer.running_mean.double(), rmr, rtol=rtol, atol=0)
+    torch.testing.assert_close(layer.running_var.double(), rvr, rtol=rtol, atol=0)
+    rmean, rvar, n = batch_stats_reference(x)
+    torch.testing.assert_close(layer.accumulator.mean, rmean, rtol=1e-9, atol=1e-6 * std)
+    torch.testing.assert_close(layer.accumulator.var(False), rvar, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "small_hw", "strided", "1d_len",
                                     "3d", "float64", "2d", "len1", "channels_last_3d"])
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e4, 1.0), (-3e3, 0.01)])
