@@ -757,19 +757,60 @@ def test_gpu_cuda_agrees_with_triton(shape, cl, dtype):
         assert (a - b).abs().max() <= tol * max(1.0, b.abs().max().item())
 
 
+_BAD_INPUT_SCRIPT = """
+import sys
+import torch
+from fastpbn import _cuda_ext
+ext = _cuda_ext.load()
+x = torch.randn(4, 3, 5, device="cuda")
+floats, ints = ext.workspace_size(x)
+ws = torch.zeros(max(floats, 1), device="cuda")
+counters = torch.zeros(max(ints, 1), dtype=torch.int32, device="cuda")
+f32 = torch.zeros(3, device="cuda")
+CALLS = [
+    lambda: ext.welford_update(x, f32.double(), f32, f32.double(), ws, counters),
+    lambda: ext.forward_eval(x, torch.empty_like(x), None, None, torch.zeros(4, device="cuda"),
+                             torch.ones(4, device="cuda"), 1e-5),
+    lambda: ext.batch_stats(x, f32.clone(), f32.clone(), ws[:1], counters),
+]
+for i in map(int, sys.argv[1:]):
+    print(f"call {i}", flush=True)
+    try:
+        CALLS[i]()
+    except RuntimeError as e:
+        print(f"raised {i}: {e}", flush=True)
+    else:
+        print(f"returned {i}", flush=True)
+torch.cuda.synchronize()
+print("bad-input-ok", flush=True)
+"""
+_BAD_INPUT_ERRORS = ["acc mean and m2 must be float64",
+                     "running_mean should contain 3 elements not 4", "workspace must be"]
+
+
 @pytest.mark.gpu
-def test_gpu_binding_rejects_bad_input():
-    ext = _cuda_ext.load()
-    x = torch.randn(4, 3, 5, device="cuda")
-    ws, counters = Runner(ext, "cuda").workspace(x)
-    f32 = torch.zeros(3, device="cuda")
-    with pytest.raises(RuntimeError, match="acc mean and m2 must be float64"):
-        ext.welford_update(x, f32.double(), f32, f32.double(), ws, counters)
-    with pytest.raises(RuntimeError, match="running_mean should contain 3 elements not 4"):
-        ext.forward_eval(x, torch.empty_like(x), None, None, torch.zeros(4, device="cuda"),
-                         torch.ones(4, device="cuda"), 1e-5)
-    with pytest.raises(RuntimeError, match="workspace must be"):
-        ext.batch_stats(x, f32.clone(), f32.clone(), ws[:1], counters)
+def test_gpu_binding_rejects_bad_input(tmp_path):
+    """Bad input raises RuntimeError from the binding's checks, one after another in a process.
+    In a child process: on the first GPU run this test crashed its pytest-xdist worker
+    (SIGSEGV at the second call); a crash now fails the test with each call's outcome alone."""
+    _cuda_ext.load()  # build here; the child loads the cached extension
+    script = tmp_path / "bad_input.py"
+    script.write_text(_BAD_INPUT_SCRIPT)
+
+    def run(*calls):
+        cmd = [sys.executable, "-X", "faulthandler", str(script), *map(str, calls)]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    out = run(*range(len(_BAD_INPUT_ERRORS)))
+    if out.returncode != 0 or "bad-input-ok" not in out.stdout:
+        report = [f"exit {out.returncode}\n{(out.stdout + out.stderr)[-3000:]}"]
+        for i in range(len(_BAD_INPUT_ERRORS)):
+            o = run(i)
+            report.append(f"--- call {i} alone: exit {o.returncode}\n"
+                          f"{(o.stdout + o.stderr)[-1500:]}")
+        pytest.fail("\n".join(report))
+    for i, message in enumerate(_BAD_INPUT_ERRORS):
+        assert re.search(rf"^raised {i}: .*{re.escape(message)}", out.stdout, re.M), out.stdout
 
 
 _SANITIZE_SCRIPT = """
@@ -804,4 +845,8 @@ def test_gpu_compute_sanitizer(tool, tmp_path):
            str(script)]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0 and "sanitized-ok" in out.stdout, (out.stdout + out.stderr)[-4000:]
-    assert "ERROR SUMMARY: 0 errors" in out.stdout + out.stderr
+    # memcheck / synccheck: "ERROR SUMMARY: 0 errors"; racecheck: "RACECHECK SUMMARY:
+    # 0 hazards displayed (0 errors, 0 warnings)"
+    summary = (r"RACECHECK SUMMARY: \d+ hazards? displayed \(0 errors?," if tool == "racecheck"
+               else r"ERROR SUMMARY: 0 errors?\b")
+    assert re.search(summary, out.stdout + out.stderr), (out.stdout + out.stderr)[-4000:]
