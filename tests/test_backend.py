@@ -121,7 +121,8 @@ def test_auto_hands_eager_cuda_calls_to_stock_only_where_nothing_is_lost(monkeyp
             bn.weight.data, bn.bias.data = bn.weight.data.to(dtype), bn.bias.data.to(dtype)
         y = bn(x.to(dtype) if dtype else x)
         torch.testing.assert_close(y.float(), ref(x), atol=2e-2 if dtype else 1e-5, rtol=1e-3)
-        torch.testing.assert_close(bn.running_mean, ref.running_mean)
+        tol = dict(atol=1e-3, rtol=1e-3) if dtype else {}  # x rounded to bfloat16
+        torch.testing.assert_close(bn.running_mean, ref.running_mean, **tol)
         return type(y.grad_fn).__name__
 
     assert "BatchNormTrain" not in step()  # stock (cuDNN or native) node

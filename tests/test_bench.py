@@ -222,7 +222,8 @@ def test_summary_median_and_worst():
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_cli_tiny_end_to_end(tmp_path, device):
     out = tmp_path / "res"
-    rc = main(["--tiny", "--device", device, "--out", str(out), "--no-progress"])
+    rc = main(["--tiny", "--device", device, "--threads", "1", "--out", str(out),
+               "--no-progress"])
     result = json.loads((out / "results.json").read_text())
     assert rc == 0, result["errors"]
     assert REQUIRED_TOP <= set(result)
