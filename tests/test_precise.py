@@ -1324,3 +1324,51 @@ def test_per_call_estimators_fast_path_equals_hooks():
         b = recompute_bn_stats(hooked, batches, tol=tol, tol_every=2, apply=False)
         assert (a.num_batches, a.converged) == (b.num_batches, b.converged) == stop
         torch.testing.assert_close(a["head_bn"].var, b["head_bn"].var, rtol=1e-6, atol=0)
+
+
+def test_accumulating_forward_path_counts_calls_without_module_hooks(monkeypatch):
+    """Off the CPU fast path (the GPU's path: FastPreciseBN's forward merges each batch into
+    the accumulator in its statistics kernel; forced here), exact stock and FastPreciseBN
+    layers count their calls and fold per-call statistics in the pass's forward, with no
+    module hook: a layer called twice per forward counts twice, the per-call estimators match
+    the hook path of a subclass, stock and converted layers give identical results, and
+    nothing of it outlives the pass."""
+    from fastpbn.precise import _collect
+
+    monkeypatch.setattr(_collect, "_cpu_backend_is_torch", lambda: False)
+    torch.manual_seed(53)
+    stock = SharedHead()
+    converted = convert_model(copy.deepcopy(stock))
+    hooked = copy.deepcopy(stock)
+    hooked.head_bn.__class__ = _SubclassBN
+    batches = [shifted(n, 1, 8, 8) for n in (32, 24, 32, 16, 32, 32)]
+    truth = ground_truth(stock, batches)
+    seen = []
+
+    def forward_fn(m, x):
+        bn = m.head_bn
+        seen.append((len(bn._forward_pre_hooks), len(bn._forward_hooks),
+                     bn.forward.__func__.__qualname__))
+        return m(x)
+
+    results = {}
+    for name, model in (("stock", stock), ("converted", converted)):
+        seen.clear()
+        pop = recompute_bn_stats(model, batches, forward_fn=forward_fn, apply=False)
+        assert set(seen) == {(0, 0, "_counting_forward.<locals>.forward")}
+        assert_close_to_truth(pop, truth)
+        bm = recompute_bn_stats(model, batches, estimator="batch_mean", apply=False)
+        assert_close_to_truth(bm, truth, kind="batch_mean")
+        results[name] = pop, bm
+        bn = model.head_bn
+        assert "forward" not in bn.__dict__ and "accumulator" not in bn.__dict__
+        assert not bn._forward_pre_hooks and not bn._forward_hooks
+    for a, b in zip(results["stock"], results["converted"]):
+        assert all(torch.equal(x, y) for x, y in zip(a["head_bn"], b["head_bn"]))
+    for tol, stop in ((0.5, (4, True)), (1e-6, (6, False))):  # converged after 4 / never
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "tol not reached" for the second
+            a = recompute_bn_stats(stock, batches, tol=tol, tol_every=2, apply=False)
+            b = recompute_bn_stats(hooked, batches, tol=tol, tol_every=2, apply=False)
+        assert (a.num_batches, a.converged) == (b.num_batches, b.converged) == stop
+        torch.testing.assert_close(a["head_bn"].var, b["head_bn"].var, rtol=1e-6, atol=0)
