@@ -1,7 +1,8 @@
 """``FastPreciseBN1d/2d/3d``: drop-in replacements for ``nn.BatchNorm1d/2d/3d``.
 
 Same constructor, state_dict keys and behaviour in every mode; the arithmetic runs on fastpbn's
-backends. Three differences a user can rely on:
+backends (under ``auto``, eager CUDA calls that its kernels would slow down run PyTorch's
+kernel: ``fastpbn.ops.STOCK_EAGER_ON_CUDA``). Three differences a user can rely on:
 
 * with ``momentum=None`` the cumulative factor ``1/num_batches_tracked`` is read on the device
   by the Triton and CUDA backends (stock BatchNorm, and the torch backend, read it on the
