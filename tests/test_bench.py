@@ -382,3 +382,33 @@ def test_recompute_without_fvcore_keeps_the_other_baseline(monkeypatch):
     setup = recompute.Setup("t", lambda: recompute._input_bn_cnn(4), 4, (3, 8, 8), 4)
     recs = recompute.run_setup(setup, CPU, repeats=1)
     assert recs and {r["baseline"] for r in recs} == {"torch-swa-update_bn"}
+
+
+def test_recompute_methods_take_turns_and_a_failure_drops_one(monkeypatch):
+    """Timed runs alternate between methods (round-robin after one warm-up round), so a drift
+    of the machine does not fall on one method; a method that fails is reported and the others
+    are still timed and checked."""
+    calls = []
+
+    def method(name, fail_at=None):
+        def run(model, data):
+            calls.append(name)
+            if len(calls) == fail_at:
+                raise ZeroDivisionError("planted")
+            torch.optim.swa_utils.update_bn(data, model)
+        return recompute.Method(run)
+
+    ms = {"fastpbn": method("fastpbn"), "bad": method("bad", fail_at=5),
+          "torch-swa-update_bn": method("torch-swa-update_bn")}
+    monkeypatch.setattr(recompute, "methods", lambda device, batch: dict(ms))
+    setup = recompute.Setup("t", lambda: recompute._input_bn_cnn(4), 4, (3, 8, 8), 4)
+    errors = []
+    recs = recompute.run_setup(setup, CPU, repeats=2, errors=errors)
+    # rounds 0-2 alternate; "bad" fails in round 1 and is dropped; one error-capture run each
+    assert calls == ["fastpbn", "bad", "torch-swa-update_bn", "fastpbn", "bad",
+                     "torch-swa-update_bn", "fastpbn", "torch-swa-update_bn",
+                     "fastpbn", "torch-swa-update_bn"]
+    assert [e[0] for e in errors] == ["recompute t bad"] and "planted" in errors[0][1]
+    (rec,) = recs
+    assert rec["impl"] == "fastpbn" and rec["baseline"] == "torch-swa-update_bn"
+    assert rec["err"] == rec["baseline_err"] > 0 and rec["ms"] > 0  # the same function

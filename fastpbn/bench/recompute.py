@@ -3,7 +3,10 @@
 
 Every method gets a fresh copy of the same model, the same batches (already on the device),
 the same sample count and the same normalization batch size; a larger ``batch_size`` is its own
-row. Each method is run once untimed (JIT compilers, allocator), then timed ``repeats`` times.
+row. Each method is run once untimed (JIT compilers, allocator), then timed ``repeats`` times,
+the methods taking turns (round-robin: a drift of the machine during the setup — clocks, other
+load, the allocator after the float64 ground truth — falls on every method alike, not on
+whichever ran first).
 Two errors per method, both against float64 statistics merged exactly (Chan's formula):
 ``err`` against the very inputs its BN layers saw (forward pre-hooks reduce each input in
 float64 with ``fastpbn.reference``, in one more untimed run) — the estimation arithmetic
@@ -284,17 +287,42 @@ def run_setup(setup: Setup, device: torch.device, repeats: int,
     without ``errors`` it raises.
     """
     model, batches = prepare(setup, device)
-    truths = {}
-    results = {}
-    for name, method in methods(device, setup.batch).items():
-        if progress:
-            progress(f"recompute {setup.name} {name}")
-        try:
-            results[name] = _measure(method, model, batches, truths, device, repeats)
-        except Exception as e:
-            if errors is None:
-                raise
-            errors.append((f"recompute {setup.name} {name}", f"{type(e).__name__}: {e}"))
+    todo = methods(device, setup.batch)
+    # the float64 ground truths first: none of them runs between two timed runs
+    truths = {bs: ground_truth(model, batches, bs)
+              for bs in dict.fromkeys(m.batch_size for m in todo.values())}
+    data, times = {}, {name: [] for name in todo}
+
+    def failed(name, e):
+        if errors is None:
+            raise e
+        errors.append((f"recompute {setup.name} {name}", f"{type(e).__name__}: {e}"))
+        del todo[name]
+
+    with warnings.catch_warnings():  # e.g. "batch below 32": the setups are deliberate
+        warnings.simplefilter("ignore")
+        for i in range(repeats + 1):  # round 0 warms compilers and the allocator
+            for name, method in list(todo.items()):
+                if progress and i == 0:
+                    progress(f"recompute {setup.name} {name}")
+                try:
+                    if name not in data:
+                        data[name] = method.data(batches)
+                    m = method.prep(copy.deepcopy(model))
+                    t = wall_time(functools.partial(method.run, m, data[name]), device)
+                except Exception as e:
+                    failed(name, e)
+                    continue
+                if i:
+                    times[name].append(t * 1e3)
+        results = {}
+        for name, method in list(todo.items()):
+            try:
+                err = _errors(method, model, data.pop(name), truths[method.batch_size])
+            except Exception as e:
+                failed(name, e)
+                continue
+            results[name] = _quantiles(times[name]), err, method.batch_size
     records = []
     shape = [setup.batch, *setup.chw]
     data = f"mean {setup.data_mean:g}, std {setup.data_std:g}"
@@ -321,30 +349,19 @@ def run_setup(setup: Setup, device: torch.device, repeats: int,
     return records
 
 
-def _measure(method: Method, model, batches, truths: dict, device, repeats: int):
-    """Timings of ``repeats`` runs after a warm-up, then one untimed run with float64 capture
-    hooks: its statistics are compared with the float64 statistics of exactly the inputs its
-    layers saw (``err``: the estimation arithmetic alone) and with the float64 model's truth
-    (``err_f64``: also counts the float32 rounding of the forward that produced them)."""
-    bs = method.batch_size
-    if bs not in truths:
-        truths[bs] = ground_truth(model, batches, bs)
-    times = []
-    data = method.data(batches)
-    with warnings.catch_warnings():  # e.g. "batch below 32": the setups are deliberate
-        warnings.simplefilter("ignore")
-        for i in range(repeats + 1):
-            m = method.prep(copy.deepcopy(model))
-            t = wall_time(functools.partial(method.run, m, data), device)
-            if i:  # the first run warms compilers and the allocator
-                times.append(t * 1e3)
-        if method.hookable:
-            m = method.prep(copy.deepcopy(model))
-            capture = Float64Capture(m)
-            method.run(m, data)
-            capture.remove()
-            err = stats_error(m, capture.truth(), method.biased)
-        else:
-            err = {"max": None, "var": None, "mean": None}
-    err["f64"] = stats_error(m, truths[bs], method.biased)["max"]
-    return _quantiles(times), err, bs
+def _errors(method: Method, model, data, truth) -> dict:
+    """One more, untimed run with float64 capture hooks: its statistics against the float64
+    statistics of exactly the inputs its layers saw (``err``: the estimation arithmetic alone)
+    and against the float64 model's ``truth`` (``err_f64``: also counts the float32 rounding
+    of the forward that produced them)."""
+    m = method.prep(copy.deepcopy(model))
+    if method.hookable:
+        capture = Float64Capture(m)
+        method.run(m, data)
+        capture.remove()
+        err = stats_error(m, capture.truth(), method.biased)
+    else:
+        method.run(m, data)
+        err = {"max": None, "var": None, "mean": None}
+    err["f64"] = stats_error(m, truth, method.biased)["max"]
+    return err
