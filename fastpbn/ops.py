@@ -131,7 +131,7 @@ def _stock_serves(x: Tensor, eval_no_grad: bool, *params: Optional[Tensor]) -> b
     ``STOCK_EAGER_ON_CUDA``), where PyTorch's CUDA kernel accepts the dtypes: every per-channel
     tensor in one dtype, the input's or float32 (fastpbn also takes float16 / bfloat16
     parameters with float32 running statistics, which PyTorch refuses)."""
-    if not (STOCK_EAGER_ON_CUDA and x.is_cuda) or requested_backend() != "auto":
+    if not (STOCK_EAGER_ON_CUDA and x.is_cuda):
         return False
     dtypes = {t.dtype for t in params if t is not None}
     if len(dtypes) > 1 or not dtypes <= {x.dtype, torch.float32}:
@@ -139,7 +139,9 @@ def _stock_serves(x: Tensor, eval_no_grad: bool, *params: Optional[Tensor]) -> b
     n = x.numel()
     if x.is_contiguous() and n >= _OWN_MIN_PER_CHANNEL * x.shape[1]:
         return False
-    return not (eval_no_grad and n >= _OWN_MIN_EVAL_NUMEL)
+    if eval_no_grad and n >= _OWN_MIN_EVAL_NUMEL:
+        return False
+    return requested_backend() == "auto"  # (an environment read: last)
 
 
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
@@ -248,11 +250,12 @@ def batch_norm(
     # preceding convolution or fuses it with its neighbours, and exporters (ONNX,
     # AOTInductor) and programs loaded without fastpbn know it; fastpbn's eval kernel would
     # add nothing there
-    if (backend is None or backend.name == "torch" or _stock_only(input, weight, bias)
-            or _stock_serves(input, not _needs_autograd(input, weight, bias), weight, bias,
-                             running_mean, running_var)):
+    if backend is None or backend.name == "torch" or _stock_only(input, weight, bias):
         return _torch_ops.forward_eval(*args)
-    if _needs_autograd(input, weight, bias):
+    grad = _needs_autograd(input, weight, bias)
+    if _stock_serves(input, not grad, weight, bias, running_mean, running_var):
+        return _torch_ops.forward_eval(*args)
+    if grad:
         return _function.BatchNormEval.apply(*args, backend)
     return _function.batch_norm_eval_no_grad(*args, backend=backend)
 

@@ -197,8 +197,7 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
     def record(pass_, mode, baseline, t, tb, graph=False):
         if t is not None and tb is not None:
             records.append(make_record(case, pass_, mode, f"fastpbn[{served(pass_, mode)}]",
-                                       baseline, t,
-                                       tb, copy_gbps, graph))
+                                       baseline, t, tb, copy_gbps, graph))
 
     if "stats" in case.passes.get("train", ()):
         t = measure("stats fastpbn", lambda: lambda: batch_stats(x.detach()))

@@ -292,6 +292,7 @@ def run_setup(setup: Setup, device: torch.device, repeats: int,
     truths = {bs: ground_truth(model, batches, bs)
               for bs in dict.fromkeys(m.batch_size for m in todo.values())}
     data, times = {}, {name: [] for name in todo}
+    last = {}  # the last timed model of each method without hooks: its statistics are checked
 
     def failed(name, e):
         if errors is None:
@@ -315,10 +316,13 @@ def run_setup(setup: Setup, device: torch.device, repeats: int,
                     continue
                 if i:
                     times[name].append(t * 1e3)
+                if not method.hookable:
+                    last[name] = m
         results = {}
         for name, method in list(todo.items()):
             try:
-                err = _errors(method, model, data.pop(name), truths[method.batch_size])
+                err = _errors(method, last.pop(name, model), data.pop(name),
+                              truths[method.batch_size])
             except Exception as e:
                 failed(name, e)
                 continue
@@ -350,18 +354,18 @@ def run_setup(setup: Setup, device: torch.device, repeats: int,
 
 
 def _errors(method: Method, model, data, truth) -> dict:
-    """One more, untimed run with float64 capture hooks: its statistics against the float64
-    statistics of exactly the inputs its layers saw (``err``: the estimation arithmetic alone)
-    and against the float64 model's ``truth`` (``err_f64``: also counts the float32 rounding
-    of the forward that produced them)."""
-    m = method.prep(copy.deepcopy(model))
+    """The statistics' errors. A method with hooks runs once more, untimed, on a copy of
+    ``model`` with float64 capture hooks: ``err`` against the float64 statistics of exactly
+    the inputs its layers saw (the estimation arithmetic alone); without hooks ``model`` is
+    its last timed model and ``err`` is None. ``err_f64``: against the float64 model's
+    ``truth`` (also counts the float32 rounding of the forward that produced them)."""
     if method.hookable:
-        capture = Float64Capture(m)
-        method.run(m, data)
+        model = method.prep(copy.deepcopy(model))
+        capture = Float64Capture(model)
+        method.run(model, data)
         capture.remove()
-        err = stats_error(m, capture.truth(), method.biased)
+        err = stats_error(model, capture.truth(), method.biased)
     else:
-        method.run(m, data)
         err = {"max": None, "var": None, "mean": None}
-    err["f64"] = stats_error(m, truth, method.biased)["max"]
+    err["f64"] = stats_error(model, truth, method.biased)["max"]
     return err
