@@ -103,11 +103,25 @@ class WelfordState:
 
     def all_reduce(self, group=None) -> "WelfordState":
         """Merge the states of every rank of ``group`` (all-gather, then Chan merge in rank
-        order), so that every rank holds the same, bitwise identical, result."""
+        order), so that every rank holds the same, bitwise identical, result.
+
+        Raises:
+            ValueError: on every rank, when the ranks' states have different channel counts
+                (left unchanged). Checked with one small collective first: a mismatched
+                all-gather would abort the process (gloo) or hang (NCCL) instead.
+        """
         import torch.distributed as dist
 
+        world = dist.get_world_size(group)
         local = torch.stack([self.count, self.mean, self.m2])
-        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        sizes = [torch.empty(1, dtype=torch.int64, device=local.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([self.mean.numel()], device=local.device),
+                        group=group)
+        sizes = [int(s) for s in sizes]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"WelfordState.all_reduce: the ranks' states have different "
+                             f"channel counts (per rank: {sizes})")
+        gathered = [torch.empty_like(local) for _ in range(world)]
         dist.all_gather(gathered, local, group=group)
         self.count.zero_(), self.mean.zero_(), self.m2.zero_()
         for g in gathered:

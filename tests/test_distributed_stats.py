@@ -43,3 +43,33 @@ def test_all_reduce_two_ranks(tmp_path):
     # per-batch statistics are float32-exact (~1e-7 of the std), the merge float64
     torch.testing.assert_close(results[0]["mean"], rmean, rtol=0, atol=1e-6)
     torch.testing.assert_close(results[0]["m2"] / n, rvar, rtol=1e-6, atol=0)
+
+
+def _mismatched_worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        state = WelfordState(4 + rank).update(torch.randn(3, 4 + rank, 2))
+        before = state.clone()
+        try:
+            state.all_reduce()
+            outcome = "returned"
+        except ValueError as e:
+            outcome = str(e)
+        unchanged = all(torch.equal(getattr(state, k), getattr(before, k))
+                        for k in ("count", "mean", "m2"))
+        with open(f"{out_file}.{rank}", "w") as f:
+            f.write(f"{unchanged}\n{outcome}")
+    finally:
+        gloo.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_all_reduce_rejects_different_channel_counts(tmp_path):
+    """Ranks with 4 and 5 channels: every rank raises ValueError naming the counts, its state
+    untouched (a mismatched all-gather aborts a gloo process)."""
+    gloo.spawn(_mismatched_worker, (2, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=2)
+    for r in range(2):
+        unchanged, outcome = (tmp_path / f"out.{r}").read_text().split("\n", 1)
+        assert unchanged == "True"
+        assert "different channel counts (per rank: [4, 5])" in outcome, outcome

@@ -840,6 +840,49 @@ def test_invalid_stats_are_rejected_on_construction_and_load(tmp_path):
         PopulationStats.load(tmp_path / "absent")
 
 
+@pytest.mark.parametrize("kwargs, message", [
+    ({"estimator": "median"}, "estimator must be one of"),
+    ({"num_samples": -1}, "num_samples must be a non-negative integer"),
+    ({"num_batches": 2.5}, "num_batches must be a non-negative integer"),
+    ({"num_samples": float("inf")}, "num_samples must be"),
+    ({"batch_size": 0}, "batch_size must be None or a positive integer"),
+    ({"batch_size": "64"}, "batch_size must be a non-negative integer"),
+    ({"converged": "yes"}, "converged must be None, True or False"),
+])
+def test_invalid_metadata_is_rejected(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        PopulationStats({"bn": ([0.0], [1.0], [4])}, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["safetensors", "torch"])
+@pytest.mark.parametrize("edit, message", [
+    (lambda meta, t: t.update({"bn.mean": t["bn.mean"].float()}), "'bn.mean' is torch.float32"),
+    (lambda meta, t: t.update({"bn.var": t["bn.var"].reshape(1, 2)}), r"shape \(1, 2\)"),
+    (lambda meta, t: t.update({"other.mean": torch.zeros(2, dtype=torch.float64)}),
+     "entries no layer names: \\['other.mean'\\]"),
+    (lambda meta, t: meta.update({"layers": '["bn", "bn"]'}), "not a list of distinct names"),
+    (lambda meta, t: meta.update({"layers": '{"bn": 1}'}), "not a list of distinct names"),
+    (lambda meta, t: meta.update({"estimator": "mode"}), "estimator must be one of"),
+    (lambda meta, t: meta.update({"num_samples": "-3"}), "num_samples must be a non-negative"),
+    (lambda meta, t: meta.update({"converged": "3"}), "converged must be None, True or False"),
+])
+def test_load_rejects_files_save_never_writes(tmp_path, monkeypatch, backend, edit, message):
+    """A file in the right format whose content :meth:`save` could not have written (edited,
+    or written by other code) is refused on load, naming the file and what is wrong."""
+    good = PopulationStats({"bn": ([0.0, 1.0], [1.0, 2.0], [4, 4])}, num_samples=4)
+    meta = good._metadata()
+    tensors = {f"bn.{f}": getattr(good["bn"], f).clone() for f in ("mean", "var", "count")}
+    edit(meta, tensors)
+    path = tmp_path / "edited.bin"
+    if backend == "torch":
+        torch.save({"metadata": meta, "tensors": tensors}, path)
+    else:
+        safetensors_torch = pytest.importorskip("safetensors.torch")
+        safetensors_torch.save_file(tensors, str(path), metadata=meta)
+    with pytest.raises(ValueError, match=f"edited.bin: cannot read PopulationStats: .*{message}"):
+        PopulationStats.load(path)
+
+
 def test_drift_reports_how_far_the_ema_is():
     model = cnn(23)
     stats = recompute_bn_stats(model, [shifted(64, 1, 8, 8)])

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import math
+import numbers
 import os
 from collections.abc import Mapping
 from typing import Any, Iterator, NamedTuple, Optional, Union
@@ -14,6 +16,7 @@ from ._collect import has_running_stats, layer_root
 
 _FORMAT = "fastpbn.PopulationStats/1"
 _FIELDS = ("mean", "var", "count")
+ESTIMATORS = ("population", "batch_mean")
 
 
 class LayerStats(NamedTuple):
@@ -50,10 +53,16 @@ class PopulationStats(Mapping):
                 raise ValueError(f"layer {name!r}: mean, var and count must be finite, var and "
                                  "count non-negative")
             self._layers[name] = LayerStats(mean, var, count)
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
-        self.num_samples = int(num_samples)
-        self.num_batches = int(num_batches)
+        self.num_samples = _count(num_samples, "num_samples")
+        self.num_batches = _count(num_batches, "num_batches")
+        if batch_size is not None and _count(batch_size, "batch_size") == 0:
+            raise ValueError("batch_size must be None or a positive integer, got 0")
         self.batch_size = batch_size
+        if converged is not None and not isinstance(converged, bool):
+            raise ValueError(f"converged must be None, True or False, got {converged!r}")
         self.converged = converged
 
     def __getitem__(self, name: str) -> LayerStats:
@@ -215,8 +224,19 @@ class PopulationStats(Mapping):
                     tensors = {k: f.get_tensor(k) for k in f.keys()}
             if meta.get("format") != _FORMAT:
                 raise ValueError(f"not a saved PopulationStats (format {meta.get('format')!r})")
-            layers = {n: tuple(tensors[f"{n}.{f}"] for f in _FIELDS)
-                      for n in json.loads(meta["layers"])}
+            names = json.loads(meta["layers"])
+            if (not isinstance(names, list) or not all(isinstance(n, str) for n in names)
+                    or len(set(names)) != len(names)):
+                raise ValueError(f"its layer list is not a list of distinct names: {names!r}")
+            expected = {f"{n}.{f}" for n in names for f in _FIELDS}
+            if set(tensors) - expected:
+                raise ValueError(f"entries no layer names: {sorted(set(tensors) - expected)}")
+            for key in sorted(expected & set(tensors)):  # (a missing one: KeyError below)
+                t = tensors[key]
+                if t.dtype != torch.float64 or t.dim() != 1:
+                    raise ValueError(f"entry {key!r} is {t.dtype} of shape {tuple(t.shape)}, "
+                                     "not a float64 vector")
+            layers = {n: tuple(tensors[f"{n}.{f}"] for f in _FIELDS) for n in names}
             return cls(layers, estimator=meta["estimator"],
                        num_samples=int(meta["num_samples"]),
                        num_batches=int(meta["num_batches"]),
@@ -233,6 +253,14 @@ def _cpu_f64(v: Any) -> Tensor:
             and v.device.type == "cpu" and not v.requires_grad):
         v = torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
     return v
+
+
+def _count(v: Any, name: str) -> int:
+    """``v`` as a non-negative int (an integral float such as 64.0 too), else ValueError."""
+    if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
+            or v != int(v) or v < 0):
+        raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+    return int(v)
 
 
 def _ratio(err: Tensor, scale: Tensor) -> Tensor:

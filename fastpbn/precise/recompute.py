@@ -27,9 +27,8 @@ from ._collect import (
 )
 from ._data import HostBatches, default_input, on_device, regroup
 from ._forward import Forward
-from .population import PopulationStats
+from .population import ESTIMATORS, PopulationStats
 
-ESTIMATORS = ("population", "batch_mean")
 SMALL_BATCH = 32  # below this the recomputed statistics are visibly off (paper, Table 2)
 
 
