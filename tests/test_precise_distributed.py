@@ -89,3 +89,59 @@ def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
     assert res[0]["tol_met"][3] is True and res[0]["tol_met"][2] <= 4
     assert "rank 0" in res[0]["short"] and res[0]["short"] == res[1]["short"]
     assert "no samples on rank 1" in res[0]["empty"] and res[0]["empty"] == res[1]["empty"]
+
+
+class CpuSyncBN(torch.nn.SyncBatchNorm):
+    """A SyncBatchNorm whose forward runs on CPU (the stock one needs a GPU to synchronize):
+    normalizes with this process's batch. What update_bn_stats measures is its input."""
+
+    def forward(self, x):
+        return torch.nn.functional.batch_norm(x, None, None, self.weight, self.bias, True, 0.0,
+                                              self.eps)
+
+
+def sync_model():
+    torch.manual_seed(3)
+    return torch.nn.Sequential(torch.nn.Conv2d(1, 3, 3), CpuSyncBN(3), torch.nn.ReLU(),
+                               torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
+
+
+def _fvcore_worker(rank, init_file, out_dir):
+    from fastpbn.precise import update_bn_stats
+
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=WORLD, timeout=timedelta(seconds=60))
+        _, data = model_and_data()
+        model = sync_model().train()
+        update_bn_stats(model, data[rank], num_iters=3)
+        torch.save(buffers(model), os.path.join(out_dir, f"rank{rank}.pt"))
+        gloo.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_update_bn_stats_merges_sync_batchnorm_over_the_ranks(tmp_path):
+    """fvcore's update_bn_stats reads SyncBatchNorm's synchronized statistics: the layer ends
+    with the pooled statistics of every rank's data; a plain BatchNorm2d keeps its own rank's."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    gloo.spawn(_fvcore_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    for r in range(WORLD):
+        assert not (tmp_path / f"error{r}.txt").exists(), (tmp_path / f"error{r}.txt").read_text()
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    _, data = model_and_data()
+    model = sync_model().double()
+    with torch.no_grad():
+        seen = {r: [model[0](x.double()) for x in data[r][:3]] for r in range(WORLD)}
+        pooled = torch.cat(seen[0] + seen[1]).transpose(0, 1).flatten(1)
+    assert torch.equal(res[0]["1.running_mean"], res[1]["1.running_mean"])
+    assert torch.equal(res[0]["1.running_var"], res[1]["1.running_var"])
+    torch.testing.assert_close(res[0]["1.running_mean"], pooled.mean(1).float(), rtol=1e-5,
+                               atol=1e-6)
+    torch.testing.assert_close(res[0]["1.running_var"], pooled.var(1, unbiased=False).float(),
+                               rtol=1e-5, atol=1e-6)
+    # the plain layer after it: per rank (its inputs differ between ranks)
+    assert not torch.equal(res[0]["4.running_mean"], res[1]["4.running_mean"])
