@@ -184,6 +184,12 @@ def batch_norm_train(
         _verify_batch_size(input)
     if eps <= 0.0:
         raise ValueError(f"batch_norm eps must be positive during training, but got {eps}")
+    if momentum is not None:
+        # a constant of the graph, as eps is (the comparison above specializes it): under
+        # torch.compile(dynamic=True) an unspecialized float reaching two calls of one layer
+        # made dynamo fail ("lift_tracked_freevar_to_input should not be called on root
+        # SubgraphTracer"). Eager: a float stays itself.
+        momentum = float(momentum)
     acc = (None, None, None)
     if accumulator is not None:
         try:

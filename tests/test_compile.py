@@ -293,13 +293,19 @@ def test_compiled_empty_batch(backend):
     assert (layer.weight.grad == 0).all() and (layer.bias.grad == 0).all()
 
 
-def test_compiled_accumulator_and_offset_running_stats_on_small_inputs(monkeypatch):
+def test_compiled_accumulator_and_offset_running_stats_on_small_inputs():
     """Inductor, small inputs (PyTorch's kernel inside the op), three steps, freshly compiled
     (no cache): the accumulator (rows of one (3, C) tensor) and running statistics kept as rows
     of one buffer match eager. On torch 2.13 the copies that torch 2.11 / 2.12 need around the
     op's written arguments made inductor read the accumulator's count as its mean (mean 134
-    against 2 by the third step) and running_var from running_mean's memory."""
-    monkeypatch.setattr(torch._inductor.config, "force_disable_caches", True)
+    against 2 by the third step) and running_var from running_mean's memory. (The config's
+    own patch: monkeypatch's undo deleted the option, and later compiles in the process
+    failed on it.)"""
+    with torch._inductor.config.patch(force_disable_caches=True):
+        _compiled_accumulator_and_offset_running_stats()
+
+
+def _compiled_accumulator_and_offset_running_stats():
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = FastPreciseBN2d(3)
@@ -317,3 +323,37 @@ def test_compiled_accumulator_and_offset_running_stats_on_small_inputs(monkeypat
                                    getattr(eager.accumulator, name), rtol=1e-9, atol=0)
     torch.testing.assert_close(model.running_mean, eager.running_mean)
     torch.testing.assert_close(model.running_var, eager.running_var)
+
+
+class _Shared(nn.Module):
+    """One BN layer called twice per forward (a siamese trunk, two views of a batch)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.bn(self.conv(x)) * 1.5 + 0.3)
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compile_dynamic_layer_called_twice_matches_stock(compiler):
+    """dynamic=True with a layer called twice per forward: dynamo failed on the second call
+    (an unspecialized momentum float reached both). The result matches stock eager, and a new
+    momentum is taken up (it is a constant of the graph: a recompile, as for stock)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    stock = _Shared().to(DEVICE)
+    model = fastpbn.convert_model(copy.deepcopy(stock))
+    compiled = torch.compile(model, backend=compiler, dynamic=True, fullgraph=True)
+    for step, n in enumerate((4, 3, 5)):
+        if step == 2:
+            stock.bn.momentum = model.bn.momentum = 0.5
+        x = torch.randn(n, 3, 5, 7, device=DEVICE) * 2 + 20
+        ys, yc = stock(x), compiled(x)
+        close(yc, ys, f"output, step {step}")
+        backward_and_compare(stock, model, ys, yc, f"grad of {{}}, step {step}")
+        buffers_agree(stock, model, f"buffer {{}}, step {step}")
+        stock.zero_grad(), model.zero_grad()
+    assert int(model.bn.num_batches_tracked) == 6
