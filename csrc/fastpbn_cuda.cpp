@@ -13,6 +13,7 @@
 #include <array>
 #include <atomic>
 #include <optional>
+#include <string>
 
 #include "fastpbn_cuda.h"
 
@@ -24,6 +25,18 @@ using fastpbn::Geometry;
 using fastpbn::Param;
 using fastpbn::View;
 using OptTensor = std::optional<Tensor>;
+
+// Numbers and shapes in messages go through std::to_string, not the stream's operator<<:
+// on the H100 machine every failing check whose message streamed an int64 crashed the
+// process (SIGSEGV), while one streaming strings and dtypes raised. Cause not found; this
+// avoids the one difference seen (to be confirmed by test_gpu_binding_rejects_bad_input).
+std::string num(int64_t v) { return std::to_string(v); }
+
+std::string dims(at::IntArrayRef a) {
+  std::string s = "[";
+  for (size_t i = 0; i < a.size(); ++i) s += (i ? ", " : "") + std::to_string(a[i]);
+  return s + "]";
+}
 
 DType dtype_of(const Tensor& t, const char* name, bool allow_double = true) {
   switch (t.scalar_type()) {
@@ -53,7 +66,7 @@ int sm_count(int device) {
 
 Geometry geometry_of(const Tensor& x) {
   TORCH_CHECK(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
-  TORCH_CHECK(x.dim() >= 2, "x must have shape (N, C, *), got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2, "x must have shape (N, C, *), got ", dims(x.sizes()));
   int64_t S = 1;
   for (int64_t d = 2; d < x.dim(); ++d) S *= x.size(d);
   return {x.size(0), x.size(1), S};
@@ -61,8 +74,8 @@ Geometry geometry_of(const Tensor& x) {
 
 // (sn, sc, ss) of t seen as (N, C, S); size-1 dims get stride 0.
 View view_of(const Tensor& t, const Tensor& x, const Geometry& g, const char* name) {
-  TORCH_CHECK(t.sizes() == x.sizes(), name, " must have x's shape ", x.sizes(), ", got ",
-              t.sizes());
+  TORCH_CHECK(t.sizes() == x.sizes(), name, " must have x's shape ", dims(x.sizes()),
+              ", got ", dims(t.sizes()));
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
   TORCH_CHECK(t.scalar_type() == x.scalar_type(), name, " must have x's dtype ",
               x.scalar_type(), ", got ", t.scalar_type());
@@ -74,8 +87,8 @@ View view_of(const Tensor& t, const Tensor& x, const Geometry& g, const char* na
       v.ss = t.stride(d);
       span = t.size(d);
     } else {
-      TORCH_CHECK(t.stride(d) == v.ss * span, name, ": the spatial dims (strides ", t.strides(),
-                  ") cannot be viewed as one; pass a contiguous tensor");
+      TORCH_CHECK(t.stride(d) == v.ss * span, name, ": the spatial dims (strides ",
+                  dims(t.strides()), ") cannot be viewed as one; pass a contiguous tensor");
       span *= t.size(d);
     }
   }
@@ -84,8 +97,8 @@ View view_of(const Tensor& t, const Tensor& x, const Geometry& g, const char* na
 
 void check_channel(const Tensor& t, const Tensor& x, const char* name) {
   TORCH_CHECK(t.device() == x.device(), name, " is on ", t.device(), " but x is on ", x.device());
-  TORCH_CHECK(t.numel() == x.size(1), name, " should contain ", x.size(1), " elements not ",
-              t.numel());
+  TORCH_CHECK(t.numel() == x.size(1), name, " should contain ", num(x.size(1)),
+              " elements not ", num(t.numel()));
   TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
 }
 
@@ -107,11 +120,11 @@ fastpbn::Workspace workspace_of(const Tensor& ws, const Tensor& counters, const 
   fastpbn::workspace_size(g, xv, sms, &floats, &ints);
   TORCH_CHECK(ws.device() == x.device() && ws.scalar_type() == at::kFloat && ws.is_contiguous() &&
                   ws.numel() >= floats,
-              "workspace must be a contiguous float32 tensor of at least ", floats,
+              "workspace must be a contiguous float32 tensor of at least ", num(floats),
               " elements on ", x.device());
   TORCH_CHECK(counters.device() == x.device() && counters.scalar_type() == at::kInt &&
                   counters.is_contiguous() && counters.numel() >= ints,
-              "counters must be a contiguous, zeroed int32 tensor of at least ", ints,
+              "counters must be a contiguous, zeroed int32 tensor of at least ", num(ints),
               " elements on ", x.device());
   const int64_t splits = fastpbn::plan_reduce(g, xv, sms).splits;
   float* f = ws.data_ptr<float>();
@@ -134,7 +147,7 @@ std::vector<int64_t> workspace_size(const Tensor& x) {
 fastpbn::Workspace run_stats(const Tensor& x, fastpbn::StatsOutputs o, const Tensor& ws,
                              const Tensor& counters, bool with_affine = false) {
   const Geometry g = geometry_of(x);
-  TORCH_CHECK(g.N * g.S > 0, "x has no values per channel (shape ", x.sizes(), ")");
+  TORCH_CHECK(g.N * g.S > 0, "x has no values per channel (shape ", dims(x.sizes()), ")");
   const c10::cuda::CUDAGuard guard(x.device());
   const View xv = view_of(x, x, g, "x");
   const int sms = sm_count(x.get_device());

@@ -22,6 +22,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import _torch_ops
+
 BACKENDS = ("triton", "cuda", "torch")
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _override: Optional[str] = None
@@ -82,9 +84,7 @@ class TorchBackend(Backend):
     def not_supported_reasons(self, x: Tensor) -> list[str]:
         return []
 
-    def __getattr__(self, op):
-        from . import _torch_ops
-
+    def __getattr__(self, op):  # (looked up per call: tests patch _torch_ops' functions)
         return getattr(_torch_ops, op)
 
 

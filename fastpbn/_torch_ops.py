@@ -381,7 +381,7 @@ def native_train(x: Tensor) -> bool:
     """Whether an eager training call without an accumulator should be PyTorch's own kernel and
     autograd (:func:`native_forward_train`): where :func:`forward_train` would run that kernel
     anyway, and where the centred path saves less than a Python autograd node costs."""
-    return not _centred_ok(x) or x.numel() < NATIVE_EAGER_MAX_NUMEL
+    return x.numel() < NATIVE_EAGER_MAX_NUMEL or not _centred_ok(x)
 
 
 def native_forward_train(

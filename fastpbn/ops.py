@@ -33,32 +33,37 @@ def _check_input(x: Tensor, name: str = "input") -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {x.dtype}")
 
 
-def _check_channel_args(x: Tensor, **per_channel: Optional[Tensor]) -> None:
+def _check_channel_args(x: Tensor, running_mean: Optional[Tensor],
+                        running_var: Optional[Tensor], weight: Optional[Tensor],
+                        bias: Optional[Tensor]) -> None:
     """Size, device and dtype of the per-channel tensors. Dtypes by PyTorch's CUDA rule:
     weight and bias share one, and so do the running statistics, each the input's or (for a
     float16/bfloat16 input) float32 -- e.g. bfloat16 parameters with float32 running stats, as
     FSDP's mixed precision leaves them (PyTorch's CPU kernels also want weight/bias and the
     running stats to share one dtype, and refuse the rest themselves where they serve the
-    call)."""
-    c = x.shape[1]
-    first: dict[str, tuple[str, torch.dtype]] = {}
-    for name, t in per_channel.items():
-        if t is None:
-            continue
-        if t.numel() != c:
-            # the same wording as PyTorch's native kernels
-            raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
-        if t.device != x.device:
-            raise RuntimeError(f"{name} is on {t.device} but input is on {x.device}")
-        group = "running statistics" if name.startswith("running") else "weight and bias"
-        if group not in first:
-            first[group] = name, t.dtype
-            if t.dtype != x.dtype and not (t.dtype == torch.float32 and x.dtype in _HALF):
-                raise RuntimeError(f"{name} is {t.dtype} but input is {x.dtype}: {group} take "
-                                   "the input's dtype (or float32 for a float16/bfloat16 input)")
-        elif t.dtype != first[group][1]:
-            raise RuntimeError(f"{name} is {t.dtype} but {first[group][0]} is "
-                               f"{first[group][1]}: {group} share one dtype")
+    call). Runs on every call: one pass, no per-call containers."""
+    c, device, dtype = x.shape[1], x.device, x.dtype
+    for group, a, b, ta, tb in (
+            ("running statistics", "running_mean", "running_var", running_mean, running_var),
+            ("weight and bias", "weight", "bias", weight, bias)):
+        first = None
+        for name, t in ((a, ta), (b, tb)):
+            if t is None:
+                continue
+            if t.numel() != c:
+                # the same wording as PyTorch's native kernels
+                raise RuntimeError(f"{name} should contain {c} elements not {t.numel()}")
+            if t.device != device:
+                raise RuntimeError(f"{name} is on {t.device} but input is on {device}")
+            if first is None:
+                first = name
+                if t.dtype != dtype and not (t.dtype == torch.float32 and dtype in _HALF):
+                    raise RuntimeError(f"{name} is {t.dtype} but input is {dtype}: {group} "
+                                       "take the input's dtype (or float32 for a "
+                                       "float16/bfloat16 input)")
+            elif t.dtype != ta.dtype:
+                raise RuntimeError(f"{name} is {t.dtype} but {first} is {ta.dtype}: {group} "
+                                   "share one dtype")
 
 
 def _verify_batch_size(x: Tensor) -> None:
@@ -175,9 +180,7 @@ def batch_norm_train(
     """
     _check_input(input)
     with _size_checks():
-        _check_channel_args(
-            input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-        )
+        _check_channel_args(input, running_mean, running_var, weight, bias)
         if (running_mean is None) != (running_var is None):  # as F.batch_norm
             raise ValueError(
                 "running_mean and running_var must either both be None or neither be None")
@@ -247,9 +250,7 @@ def batch_norm(
     if running_mean is None or running_var is None:
         raise RuntimeError("running_mean and running_var must be given when training=False")
     with _size_checks():
-        _check_channel_args(
-            input, running_mean=running_mean, running_var=running_var, weight=weight, bias=bias
-        )
+        _check_channel_args(input, running_mean, running_var, weight, bias)
     args = (input, weight, bias, running_mean, running_var, eps)
     backend = _eager_backend(input)
     # compiled, exported and fake calls record PyTorch's op: the compiler folds it into a
