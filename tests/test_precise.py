@@ -1103,37 +1103,83 @@ def _subclass_model(seed):
 def test_bn_subclasses_keep_their_own_forward(estimator):
     """Only the exact stock and FastPreciseBN classes get the pass's fast forwards (the CPU
     fast path, the borrowed forward): a subclass's own forward still runs (its activation, its
-    input scaling), so every later layer sees what it sees in the model. A FastPreciseBN
-    subclass is measured on what it normalizes; a stock subclass at its input (documented)."""
+    input scaling), so every later layer sees what it sees in the model. Every layer is
+    measured on what it normalizes: a stock subclass on what reaches the stock forward (its
+    input x 10 here; it was measured at its input, silently wrong, before), one that calls
+    F.batch_norm itself on its input; the model's classes are its own again after."""
     model = _subclass_model(40)
+    classes = [type(m) for m in model]
     batches = [shifted(8, 2, 6, 6) for _ in range(4)]
     snap = snapshot(model)
     stats = recompute_bn_stats(model, batches, batch_size=8, estimator=estimator, apply=False)
     assert_unchanged(model, snap)
+    assert [type(m) for m in model] == classes and "_fastpbn_measure" not in vars(model[1])
     truth = ground_truth(model, batches)
-    t = truth["2"]  # _ScaledFastBN normalizes 10x its input
-    t.update(mean=t["mean"] * 10, bmean=t["bmean"] * 10, var=t["var"] * 100,
-             bvar=t["bvar"] * 100)
+    for name in ("1", "2"):  # _ScaledStockBN, _ScaledFastBN: they normalize 10x their input
+        t = truth[name]
+        t.update(mean=t["mean"] * 10, bmean=t["bmean"] * 10, var=t["var"] * 100,
+                 bvar=t["bvar"] * 100)
     assert_close_to_truth(stats, truth, estimator, rtol=1e-5)
 
 
 def test_update_bn_stats_on_bn_subclasses():
-    """fvcore's semantics (it reads the buffers each forward wrote) for subclasses that
-    normalize their input, or reach FastPreciseBN's forward; a stock subclass that transforms
-    its input is measured at its input."""
+    """fvcore's semantics (it reads the buffers each forward wrote) for every subclass: one
+    that normalizes its input, one that reaches FastPreciseBN's forward, and a stock one that
+    scales its input before ``super().forward``."""
     fvcore = pytest.importorskip("fvcore.nn.precise_bn")
     model = _subclass_model(41)
     batches = [torch.randn(8, 2, 6, 6) + 1 for _ in range(3)]
     ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
     update_bn_stats(ours, batches, num_iters=3)
     fvcore.update_bn_stats(theirs, batches, num_iters=3)
-    for i in (2, 3, 5):
+    for i in (1, 2, 3, 5):
         torch.testing.assert_close(ours[i].running_mean, theirs[i].running_mean,
                                    rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(ours[i].running_var, theirs[i].running_var,
                                    rtol=1e-4, atol=1e-5)
-    truth = ground_truth(model, batches, names=["1"])["1"]
-    torch.testing.assert_close(ours[1].running_mean.double(), truth["mean"], rtol=1e-5, atol=0)
+    truth = ground_truth(model, batches, names=["1"])["1"]  # at its input
+    torch.testing.assert_close(ours[1].running_mean.double(), truth["mean"] * 10, rtol=1e-5,
+                               atol=0)
+    assert type(ours[1]) is _ScaledStockBN
+
+
+class _SequenceBN(nn.BatchNorm1d):
+    """A BatchNorm1d over (B, T, C) sequences: transposes to (B, C, T) for the stock forward."""
+
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+class _SequenceSyncBN(nn.SyncBatchNorm):
+    def forward(self, x):
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+@pytest.mark.parametrize("cls", [_SequenceBN, _SequenceSyncBN])
+def test_stock_subclass_measured_on_what_its_stock_forward_normalizes(cls):
+    """T == C == 6: the layer's input has the channel count in dim 1 too, so measuring it at
+    its input gave wrong statistics without any error. Both recompute_bn_stats and
+    update_bn_stats now measure the transposed tensor; an error inside the pass leaves the
+    layer's class as it was."""
+    torch.manual_seed(43)
+    model = nn.Sequential(nn.Linear(4, 6), cls(6))
+    batches = [torch.randn(8, 6, 4) * torch.arange(1.0, 5.0) + 3 for _ in range(3)]
+    with torch.no_grad():
+        seen = torch.cat([model[0](b) for b in batches]).double().reshape(-1, 6)
+    stats = recompute_bn_stats(model, batches, apply=False)["1"]
+    torch.testing.assert_close(stats.mean, seen.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.var, seen.var(0), rtol=1e-5, atol=0)
+    assert type(model[1]) is cls
+    fv = copy.deepcopy(model).train()
+    update_bn_stats(fv, batches, num_iters=3)
+    torch.testing.assert_close(fv[1].running_mean, seen.mean(0).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fv[1].running_var, seen.var(0, unbiased=False).float(),
+                               rtol=1e-5, atol=0)
+    snap = snapshot(model)
+    with pytest.raises(RuntimeError, match="mat1 and mat2"):  # the second batch, in Linear
+        recompute_bn_stats(model, [torch.randn(8, 6, 4), torch.randn(8, 6, 5)])
+    assert type(model[1]) is cls and "_fastpbn_measure" not in vars(model[1])
+    assert_unchanged(model, snap)
 
 
 class _KeywordCall(nn.Module):

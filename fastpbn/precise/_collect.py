@@ -12,12 +12,16 @@ layers leave alone, but other modules may write in ``forward``). Subclasses,
 and layers whose ``forward`` was replaced on the instance (a wrapper), keep their own
 ``forward`` (only the other exact stock and FastPreciseBN layers get the pass's fast
 forwards): a FastPreciseBN layer among them accumulates whatever ``FastPreciseBN.forward``
-normalizes; a stock one is measured at its input, by the pre-hook.
+normalizes; a stock subclass with its own ``forward`` is measured on what reaches the stock
+forward through ``super().forward`` (its class is switched for the pass to one with a measuring
+class in its MRO; a call that never gets there is measured at its input); any other layer at
+its input, by the pre-hook.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import types
 from typing import Callable, Optional, Sequence, Union
 
@@ -36,6 +40,8 @@ FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
 # both their normalization and the accumulator (a hook would read every activation twice)
 BORROW_TYPES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
 EXACT_TYPES = BORROW_TYPES | set(FAST_TYPES)
+# the stock classes whose forward a subclass reaches through super().forward
+STOCK_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 LayerSelection = Union[None, str, Sequence[Union[str, nn.Module]], nn.Module,
                        Callable[[str, nn.Module], bool]]
 _MISSING = object()
@@ -252,6 +258,7 @@ class PassState:
         self.buffers = [(m, name, b, _backup(b)) for m in model.modules()
                         for name, b in m._buffers.items() if _restorable(b)]
         self.handles: list = []
+        self.classes: list[tuple[nn.Module, type]] = []  # stock subclasses, switched for the pass
 
     def enter(self, set_modes: bool) -> None:
         """Stop buffer updates; with ``set_modes`` every module goes to eval and the selected
@@ -287,11 +294,42 @@ class PassState:
             if exact:  # stock layers borrow FastPreciseBN's forward; it counts the call too
                 m.forward = _counting_forward(m, i, acc, tracker)
                 continue
+            measuring = None if fast else _measuring_class(type(m))
+            if measuring is not None:
+                self._measure_inside(m, measuring, i, name, acc, tracker)
+                continue
             self.handles.append(m.register_forward_pre_hook(
                 _pre_hook(i, name, acc, tracker, feed=not fast), with_kwargs=True
             ))
             if fast and acc.per_call:
                 self.handles.append(m.register_forward_hook(lambda *_, acc=acc: acc.fold()))
+
+    def _measure_inside(self, m: nn.Module, measuring: type, i: int, name: str,
+                        acc: LayerAccumulator, tracker: CallTracker) -> None:
+        """A stock subclass with its own ``forward``: measured on what reaches the stock
+        forward through ``super().forward`` (its class is switched, for the pass, to one with
+        a measuring class just before the stock one in its MRO), or, for a call that never
+        gets there (a forward calling ``F.batch_norm`` itself), on its input after it."""
+        hit = [False]
+        feed = _feeder(name, acc)
+
+        def measure(x: Tensor) -> None:
+            hit[0] = True
+            feed(x)
+
+        def before(module, args, kwargs):
+            tracker.called(i)
+            hit[0] = False
+
+        def after(module, args, kwargs, output):
+            if not hit[0]:
+                feed(args[0] if args else kwargs.get("input"))
+
+        self.classes.append((m, type(m)))
+        m.__class__ = measuring
+        m.__dict__["_fastpbn_measure"] = measure
+        self.handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
+        self.handles.append(m.register_forward_hook(after, with_kwargs=True))
 
     def after_forward(self) -> None:
         """Merge what the CPU fast path staged during the forward that just ended."""
@@ -314,6 +352,10 @@ class PassState:
             h.remove()
         self.handles = []
         self.flat = None
+        for m, cls in self.classes:
+            m.__class__ = cls
+            m.__dict__.pop("_fastpbn_measure", None)
+        self.classes = []
         for m, forward in self.forwards:
             if forward is _MISSING:
                 m.__dict__.pop("forward", None)
@@ -391,17 +433,58 @@ def _counting_forward(layer: nn.Module, i: int, acc: LayerAccumulator, tracker: 
     return types.MethodType(forward, layer)
 
 
-def _pre_hook(i: int, name: str, acc: LayerAccumulator, tracker: CallTracker, feed: bool):
-    def hook(module, args, kwargs):
-        tracker.called(i)
-        if not feed:
-            return None
-        x = args[0] if args else kwargs.get("input")
+def _feeder(name: str, acc: LayerAccumulator) -> Callable[[Tensor], None]:
+    """Merges one call's batch into ``acc`` (errors name the layer)."""
+    def feed(x: Tensor) -> None:
         try:
             acc.target.update(x, check=False)  # no host sync: finiteness is checked at the end
         except (TypeError, ValueError) as e:
             raise type(e)(f"BN layer {name!r}: {e}") from e
         acc.fold()
+
+    return feed
+
+
+def _pre_hook(i: int, name: str, acc: LayerAccumulator, tracker: CallTracker, feed: bool):
+    feed_input = _feeder(name, acc) if feed else None
+
+    def hook(module, args, kwargs):
+        tracker.called(i)
+        if feed_input is not None:
+            feed_input(args[0] if args else kwargs.get("input"))
         return None
 
     return hook
+
+
+@functools.lru_cache(maxsize=None)
+def _measuring_class(cls: type) -> Optional[type]:
+    """For a subclass of a stock BN class that defines its own ``forward``: ``cls`` with a
+    measuring class inserted just before that stock class in its MRO, so that
+    ``super().forward(x)`` measures the x it normalizes (a subclass may transpose or scale its
+    input first). None for other classes, or where the MRO cannot take the insertion."""
+    mro = cls.__mro__
+    base = next((c for c in mro if c in STOCK_TYPES), None)
+    if base is None or base is cls:
+        return None
+    if not any("forward" in c.__dict__ for c in mro[:mro.index(base)]):
+        return None  # the stock forward itself: its input is what it normalizes
+    try:
+        return type(cls.__name__, (cls, _measured(base)),
+                    {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    except TypeError:  # an MRO conflict, a layout the switch cannot take
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def _measured(base: type) -> type:
+    """A subclass of the stock class ``base`` whose forward hands its input to the layer's
+    pass-time measure, then runs ``base``'s forward."""
+
+    class Measured(base):
+        def forward(self, input: Tensor) -> Tensor:
+            self.__dict__["_fastpbn_measure"](input)
+            return super().forward(input)
+
+    Measured.__qualname__ = Measured.__name__ = f"_Measured{base.__name__}"
+    return Measured

@@ -93,8 +93,11 @@ def recompute_bn_stats(
             statistics that the pass's forward runs (one that never runs, such as an auxiliary
             head that runs only in training, is left unchanged with a warning). Subclasses,
             and layers whose ``forward`` was replaced on the instance, keep their own
-            ``forward``; a FastPreciseBN layer is measured on what it normalizes (through
-            ``FastPreciseBN.forward``), any other such layer on its input.
+            ``forward``; each is measured on what it normalizes: a FastPreciseBN layer through
+            ``FastPreciseBN.forward``, a stock subclass on what its ``super().forward``
+            receives (one that transposes or scales its input first, say), and a layer that
+            never reaches a stock forward (one calling ``F.batch_norm`` itself, a stock layer
+            whose ``forward`` a wrapper replaced) on its input.
         input_fn: ``input_fn(item)`` -> model input: a tensor or a structure (tuples,
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
             of them; 0-d tensors and other leaves ride along, taken from the first loader
