@@ -102,18 +102,6 @@ def _stock_only(x: Tensor, *params: Optional[Tensor]) -> bool:
                 for t in (x, *params)))
 
 
-def _eager_backend(x: Tensor):
-    """The backend serving ``x`` in an eager call (resolved once and handed down to the
-    autograd Functions, which keep it for the backward), or None while a graph is being
-    compiled or tensors are fake: training calls then keep the custom ops, which resolve it at
-    run time. Where the torch backend would run PyTorch's own batch-norm kernel anyway, the
-    callers call that kernel directly: PyTorch's C++ autograd node costs less than a Python
-    ``autograd.Function`` (~17 µs a call on CPU)."""
-    if _function.through_ops():
-        return None
-    return get_backend(x)
-
-
 # Eager calls on CUDA under ``auto`` where fastpbn's kernels lose run PyTorch's own kernel
 # (cuDNN or native) with its C++ autograd node. Measured on an H100 (bench/NOTES.md,
 # bench/results/nvidia-h100-80gb-hbm3/kernels-triton): an eager call through a Python autograd
@@ -131,20 +119,22 @@ _OWN_MIN_PER_CHANNEL = 1 << 19  # contiguous inputs: fastpbn's kernels from this
 _OWN_MIN_EVAL_NUMEL = 1 << 25  # eval without autograd: fastpbn's kernel from this many values
 
 
-def _stock_serves(x: Tensor, eval_no_grad: bool, *params: Optional[Tensor]) -> bool:
+def _stock_serves(x: Tensor, training: bool, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
     """Whether an eager CUDA call without an accumulator goes to PyTorch's kernel (see
     ``STOCK_EAGER_ON_CUDA``), where PyTorch's CUDA kernel accepts the dtypes: every per-channel
     tensor in one dtype, the input's or float32 (fastpbn also takes float16 / bfloat16
-    parameters with float32 running statistics, which PyTorch refuses)."""
+    parameters with float32 running statistics, which PyTorch refuses). Decided before any
+    backend is resolved; False at once for other devices."""
     if not (STOCK_EAGER_ON_CUDA and x.is_cuda):
         return False
-    dtypes = {t.dtype for t in params if t is not None}
+    dtypes = {t.dtype for t in (weight, bias, running_mean, running_var) if t is not None}
     if len(dtypes) > 1 or not dtypes <= {x.dtype, torch.float32}:
         return False
     n = x.numel()
     if x.is_contiguous() and n >= _OWN_MIN_PER_CHANNEL * x.shape[1]:
         return False
-    if eval_no_grad and n >= _OWN_MIN_EVAL_NUMEL:
+    if not training and n >= _OWN_MIN_EVAL_NUMEL and not _needs_autograd(x, weight, bias):
         return False
     return requested_backend() == "auto"  # (an environment read: last)
 
@@ -203,19 +193,24 @@ def batch_norm_train(
         acc = (accumulator.count, accumulator.mean, accumulator.m2)
     args = (input, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
             *acc)
-    backend = _eager_backend(input)
+    # The backend of an eager call is resolved once and handed down to the autograd Function,
+    # which keeps it for the backward. None while a graph is being compiled or tensors are
+    # fake: the custom ops then resolve it at run time; and for a call handed to PyTorch's
+    # kernel (which resolves, or builds, nothing). Where the torch backend would run PyTorch's
+    # own kernel anyway, that kernel is called directly: PyTorch's C++ autograd node costs
+    # less than a Python autograd.Function (~17 µs a call on CPU).
+    compiling = _function.through_ops()
+    handed_off = (not compiling and accumulator is None and momentum is not None
+                  and _stock_serves(input, True, weight, bias, running_mean, running_var))
+    backend = None if compiling or handed_off else get_backend(input)
     stock_only = backend is not None and _stock_only(input, weight, bias)
     if stock_only and accumulator is not None:
         raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
                            "torch.jit.trace, torch.func transforms or forward-mode AD")
     if num_batches_tracked is not None:  # the call is accepted: count it, as stock does
         num_batches_tracked.add_(1)
-    if stock_only:
-        return _torch_ops.native_forward_train(*args[:8])
-    if backend is not None and accumulator is None and (
-            backend.native_train(input) if backend.name == "torch"
-            else momentum is not None
-            and _stock_serves(input, False, weight, bias, running_mean, running_var)):
+    if handed_off or stock_only or (backend is not None and accumulator is None
+                                    and backend.name == "torch" and backend.native_train(input)):
         return _torch_ops.native_forward_train(*args[:8])
     if _needs_autograd(input, weight, bias):
         return _function.BatchNormTrain.apply(*args, backend)[0]
@@ -252,17 +247,18 @@ def batch_norm(
     with _size_checks():
         _check_channel_args(input, running_mean, running_var, weight, bias)
     args = (input, weight, bias, running_mean, running_var, eps)
-    backend = _eager_backend(input)
     # compiled, exported and fake calls record PyTorch's op: the compiler folds it into a
     # preceding convolution or fuses it with its neighbours, and exporters (ONNX,
     # AOTInductor) and programs loaded without fastpbn know it; fastpbn's eval kernel would
-    # add nothing there
-    if backend is None or backend.name == "torch" or _stock_only(input, weight, bias):
+    # add nothing there. A call handed to PyTorch's kernel resolves no backend.
+    if _function.through_ops():
         return _torch_ops.forward_eval(*args)
-    grad = _needs_autograd(input, weight, bias)
-    if _stock_serves(input, not grad, weight, bias, running_mean, running_var):
+    if _stock_serves(input, False, weight, bias, running_mean, running_var):
         return _torch_ops.forward_eval(*args)
-    if grad:
+    backend = get_backend(input)
+    if backend.name == "torch" or _stock_only(input, weight, bias):
+        return _torch_ops.forward_eval(*args)
+    if _needs_autograd(input, weight, bias):
         return _function.BatchNormEval.apply(*args, backend)
     return _function.batch_norm_eval_no_grad(*args, backend=backend)
 

@@ -139,3 +139,30 @@ def test_auto_hands_eager_cuda_calls_to_stock_only_where_nothing_is_lost(monkeyp
     assert "BatchNormTrain" not in type(big(x_cl[:, :, 1:]).grad_fn).__name__
     fastpbn.set_backend("triton" if HAS_TRITON else "cuda")
     assert "BatchNormTrain" in step()
+
+
+def test_a_call_handed_to_stock_resolves_no_backend(monkeypatch):
+    """The hand-off decision comes before backend resolution (whose checks, and a first build
+    of the CUDA extension, a handed-off call does not need); calls it does not take resolve
+    the backend as before. Simulated on the CPU: the rule itself is CUDA-only (GPU test
+    above)."""
+    import fastpbn.ops
+
+    asked, resolved = [], []
+    get_backend = fastpbn.ops.get_backend
+    monkeypatch.setattr(fastpbn.ops, "_stock_serves",
+                        lambda x, training, *p: asked.append(training) or True)
+    monkeypatch.setattr(fastpbn.ops, "get_backend",
+                        lambda x, *a: resolved.append(1) or get_backend(x, *a))
+    bn = fastpbn.FastPreciseBN2d(3)
+    x = torch.randn(4, 3, 5, 5, requires_grad=True)
+    assert "BatchNormTrain" not in type(bn(x).grad_fn).__name__
+    assert (asked, resolved) == ([True], [])
+    bn.eval()
+    bn(x)
+    assert (asked, resolved) == ([True, False], [])
+    bn.train()
+    bn.accumulator = fastpbn.WelfordState(3)  # never handed off
+    bn(x)
+    assert len(asked) == 2 and resolved == [1] and bn.accumulator.count[0] == 100
+    assert int(bn.num_batches_tracked) == 2
