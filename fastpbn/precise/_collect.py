@@ -309,7 +309,8 @@ class PassState:
         """A stock subclass with its own ``forward``: measured on what reaches the stock
         forward through ``super().forward`` (its class is switched, for the pass, to one with
         a measuring class just before the stock one in its MRO), or, for a call that never
-        gets there (a forward calling ``F.batch_norm`` itself), on its input after it."""
+        gets there (a forward calling ``F.batch_norm``, or the stock class's ``forward`` by
+        name, itself), on its input after it."""
         hit = [False]
         feed = _feeder(name, acc)
 

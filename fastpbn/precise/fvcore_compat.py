@@ -41,8 +41,9 @@ def update_bn_stats(
     measures what a layer normalizes; so does this: stock and FastPreciseBN layers and their
     subclasses are measured on what their stock or FastPreciseBN forward normalizes (a
     subclass that transposes or scales its input before ``super().forward`` included). A
-    layer that never reaches such a forward (one calling ``F.batch_norm`` itself, a stock
-    layer whose ``forward`` a wrapper replaced on the instance) is measured on its input.
+    call that does not go through ``super()`` to such a forward (one calling
+    ``F.batch_norm`` or ``nn.BatchNorm2d.forward`` itself; a stock layer whose ``forward`` a
+    wrapper replaced on the instance) is measured on the layer's input.
     ``nn.SyncBatchNorm`` layers that synchronize (``torch.distributed`` initialized, more
     than one process in the layer's group) get the statistics of every process's data, as in
     fvcore: each process measures its own, then one exact merge over the layer's group at the

@@ -93,11 +93,12 @@ def recompute_bn_stats(
             statistics that the pass's forward runs (one that never runs, such as an auxiliary
             head that runs only in training, is left unchanged with a warning). Subclasses,
             and layers whose ``forward`` was replaced on the instance, keep their own
-            ``forward``; each is measured on what it normalizes: a FastPreciseBN layer through
-            ``FastPreciseBN.forward``, a stock subclass on what its ``super().forward``
-            receives (one that transposes or scales its input first, say), and a layer that
-            never reaches a stock forward (one calling ``F.batch_norm`` itself, a stock layer
-            whose ``forward`` a wrapper replaced) on its input.
+            ``forward``. A FastPreciseBN layer is measured on what ``FastPreciseBN.forward``
+            normalizes, a stock subclass on what its ``super().forward`` receives (one that
+            transposes or scales its input first, say); a call that does not go through
+            ``super()`` to a stock forward (one calling ``F.batch_norm`` or
+            ``nn.BatchNorm2d.forward`` itself; a stock layer whose ``forward`` a wrapper
+            replaced) is measured on the layer's input.
         input_fn: ``input_fn(item)`` -> model input: a tensor or a structure (tuples,
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
             of them; 0-d tensors and other leaves ride along, taken from the first loader
