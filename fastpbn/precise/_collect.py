@@ -295,8 +295,8 @@ class PassState:
                 m.forward = _counting_forward(m, i, acc, tracker)
                 continue
             measuring = None if fast else _measuring_class(type(m))
-            if measuring is not None:
-                self._measure_inside(m, measuring, i, name, acc, tracker)
+            if measuring is not None and self._measure_inside(m, measuring, i, name, acc,
+                                                              tracker):
                 continue
             self.handles.append(m.register_forward_pre_hook(
                 _pre_hook(i, name, acc, tracker, feed=not fast), with_kwargs=True
@@ -305,12 +305,18 @@ class PassState:
                 self.handles.append(m.register_forward_hook(lambda *_, acc=acc: acc.fold()))
 
     def _measure_inside(self, m: nn.Module, measuring: type, i: int, name: str,
-                        acc: LayerAccumulator, tracker: CallTracker) -> None:
+                        acc: LayerAccumulator, tracker: CallTracker) -> bool:
         """A stock subclass with its own ``forward``: measured on what reaches the stock
         forward through ``super().forward`` (its class is switched, for the pass, to one with
         a measuring class just before the stock one in its MRO), or, for a call that never
         gets there (a forward calling ``F.batch_norm``, or the stock class's ``forward`` by
-        name, itself), on its input after it."""
+        name, itself), on its input after it. False (nothing changed) where the instance
+        refuses the class switch."""
+        try:
+            cls, m.__class__ = type(m), measuring
+        except TypeError:
+            return False
+        self.classes.append((m, cls))
         hit = [False]
         feed = _feeder(name, acc)
 
@@ -326,11 +332,10 @@ class PassState:
             if not hit[0]:
                 feed(args[0] if args else kwargs.get("input"))
 
-        self.classes.append((m, type(m)))
-        m.__class__ = measuring
         m.__dict__["_fastpbn_measure"] = measure
         self.handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
         self.handles.append(m.register_forward_hook(after, with_kwargs=True))
+        return True
 
     def after_forward(self) -> None:
         """Merge what the CPU fast path staged during the forward that just ended."""
@@ -484,7 +489,9 @@ def _measured(base: type) -> type:
 
     class Measured(base):
         def forward(self, input: Tensor) -> Tensor:
-            self.__dict__["_fastpbn_measure"](input)
+            measure = self.__dict__.get("_fastpbn_measure")  # (a copy made during the pass)
+            if measure is not None:
+                measure(input)
             return super().forward(input)
 
     Measured.__qualname__ = Measured.__name__ = f"_Measured{base.__name__}"
