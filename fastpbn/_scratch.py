@@ -36,31 +36,21 @@ def output_like(x: Tensor, dtype: torch.dtype | None = None, device=None) -> Ten
     """An uninitialised tensor shaped like ``x`` in the layout PyTorch's batch-norm kernels give
     their output, x's ``suggest_memory_format``: channels_last / channels_last_3d when x's
     strides are ordered so (a sliced channels_last view too), else contiguous -- not x's own
-    strides when x is another dense permutation (a transposed (N, L, C) input of
-    BatchNorm1d, say). Every backend's y and dx, and the ops' fake implementations.
-    ``device="meta"`` gives the layout alone, allocating nothing."""
+    order when it is another permutation (a transposed (N, L, C) input of BatchNorm1d, or
+    overlapping sliding windows from ``unfold`` with C outermost, say: PyTorch's CPU kernels
+    leave their ``out=`` statistics unwritten for such a layout). Every backend's y and dx,
+    and the ops' fake implementations. ``device="meta"`` gives the layout alone, allocating
+    nothing."""
     if x.is_contiguous():
         return torch.empty_like(x, dtype=dtype, device=device,
                                 memory_format=torch.contiguous_format)
-    if not _dense(x):  # empty_like then follows suggest_memory_format itself
-        return torch.empty_like(x, dtype=dtype, device=device)
-    fmt = torch.contiguous_format
     if x.dim() in (4, 5):
         last = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        if x.is_contiguous(memory_format=last):
-            fmt = last
-    return torch.empty_like(x, dtype=dtype, device=device, memory_format=fmt)
-
-
-def _dense(x: Tensor) -> bool:
-    """Whether x's elements fill its storage span without gaps or overlaps (some order of its
-    dims is contiguous)."""
-    expected = 1
-    for stride, size in sorted((st, s) for s, st in zip(x.shape, x.stride()) if s != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
+        # dense in x's own dim order (x's strides, for a dense x)
+        y = torch.empty_like(x, dtype=dtype, device=device)
+        if y.is_contiguous(memory_format=last):
+            return y
+    return torch.empty_like(x, dtype=dtype, device=device, memory_format=torch.contiguous_format)
 
 
 def workspace(device: torch.device, floats: int, counters: int) -> tuple[Tensor, Tensor]:

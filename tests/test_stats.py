@@ -313,13 +313,16 @@ def test_accumulator_that_does_not_fit_the_input_is_named():
     lambda g: (torch.randn(2, 9, 40, generator=g) * 0.5 + 1.0).transpose(0, 1),  # dense, N<->C
     lambda g: (torch.randn(8, 3, 6, 6, generator=g) * 0.5 + 1.0).contiguous(
         memory_format=torch.channels_last)[::2],  # channels_last order, not dense
+    # overlapping sliding windows, C outermost in memory: empty_like gave d that order
+    lambda g: (torch.randn(3, 4000, generator=g) * 2 + 5).unfold(1, 64, 16).permute(1, 0, 2),
 ])
 def test_centred_copy_takes_the_output_layout(monkeypatch, make, scratch_cap):
     """The torch backend's centred copy d is laid out as y: PyTorch's out= kernel wrote y in
     d's layout (y off by up to 5 for a sliced channels_last input with an accumulator, so a
     recompute pass fed every later layer wrong values) and left the statistics unwritten for
-    a permuted d (garbage mean and var from batch_stats above the scratch's cap)."""
-    from fastpbn import FastPreciseBN2d, _torch_ops, batch_stats
+    a permuted d (garbage mean and var from batch_stats above the scratch's cap; for
+    overlapping windows below it too, and an accumulator's mean of 3e18)."""
+    from fastpbn import FastPreciseBN1d, FastPreciseBN2d, _torch_ops, batch_stats
 
     if scratch_cap is not None:
         monkeypatch.setattr(_torch_ops, "_SCRATCH_MAX_BYTES", scratch_cap)
@@ -331,11 +334,11 @@ def test_centred_copy_takes_the_output_layout(monkeypatch, make, scratch_cap):
     torch.testing.assert_close(var.double(), rvar, rtol=1e-5, atol=0)
     state = WelfordState(x.shape[1]).update(x)
     torch.testing.assert_close(state.var(False), rvar, rtol=1e-5, atol=0)
-    if x.dim() == 4:
-        layer = FastPreciseBN2d(x.shape[1])
-        layer.accumulator = WelfordState(x.shape[1])
-        expected = torch.nn.functional.batch_norm(x.contiguous(), None, None, training=True)
-        torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    layer = (FastPreciseBN2d if x.dim() == 4 else FastPreciseBN1d)(x.shape[1])
+    layer.accumulator = WelfordState(x.shape[1])
+    expected = torch.nn.functional.batch_norm(x.contiguous(), None, None, training=True)
+    torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.accumulator.mean, rmean, rtol=1e-6, atol=1e-6)
 
 
 def test_constant_and_far_shifted_channels_on_the_centred_path():
