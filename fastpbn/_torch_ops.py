@@ -256,12 +256,15 @@ def batch_norm_train(
         mean_s.copy_(m)
         return _normalize(d, weight, bias, mean_s, var, eps, output_like(x))
     y = output_like(x, d.dtype)  # x's layout: d may be a contiguous copy
-    # the statistics with eps = 0: var from invstd = 1/sqrt(var + eps) would lose
-    # ~2.4e-7 * eps/var relatively (2e-3 at std 1e-5 with eps 1e-5) ...
+    # the statistics with eps = the dtype's smallest normal number: var from invstd =
+    # 1/sqrt(var + eps) loses ~2.4e-7 * eps/var relatively (2e-3 at std 1e-5 with the layer's
+    # eps 1e-5; nothing above var ~1e-30 with this one), and unlike eps = 0, a variance that
+    # overflows (invstd 0) stays apart from a zero one (invstd 1/sqrt(tiny), exactly) ...
+    tiny = torch.finfo(d.dtype).tiny
     torch.ops.aten.native_batch_norm.out(
-        d, None, None, None, None, True, 0.0, 0.0, out=y, save_mean=mean_s, save_invstd=var
+        d, None, None, None, None, True, 0.0, tiny, out=y, save_mean=mean_s, save_invstd=var
     )
-    _var_from_invstd_(var)
+    _var_from_invstd_(var, tiny)
     if eps != 0.0 or weight is not None or bias is not None:  # ... then y with eps
         empty = _empty(d)
         torch.ops.aten.native_batch_norm.out(
@@ -286,11 +289,11 @@ def mean_dwarfs_std(pivot: Tensor, mean_s: Tensor, var: Tensor) -> bool:
     return not torch.addcmul(var, mean, mean, value=-1.0 / MEAN_STD_RATIO**2).min().item() > 0
 
 
-def _var_from_invstd_(invstd: Tensor) -> Tensor:
-    """invstd = 1/sqrt(var) (the training kernel's, run with eps = 0) -> var, in place. The
-    kernel reports invstd = 0 for var = 0."""
-    zero = invstd == 0
-    return invstd.pow_(-2).masked_fill_(zero, 0.0)
+def _var_from_invstd_(invstd: Tensor, tiny: float) -> Tensor:
+    """invstd = 1/sqrt(var + tiny) (the training kernel's, run with eps = ``tiny``, a power of
+    two: 0 exactly for a constant channel) -> var, in place; inf where var overflowed
+    (invstd 0), which the callers' finiteness checks then report."""
+    return invstd.pow_(-2).sub_(tiny).clamp_min_(0.0)
 
 
 def moments64(pivot: Tensor, mean_s: Tensor, var: Tensor) -> tuple[Tensor, Tensor]:

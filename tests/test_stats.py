@@ -379,3 +379,21 @@ def test_statistics_of_a_tensor_that_requires_grad():
     assert not mean.requires_grad and n == 128
     state = WelfordState(3).update(x)
     torch.testing.assert_close(state.var(False), rvar, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_overflowing_variance_is_refused_and_a_constant_channel_is_exactly_zero(dtype):
+    """Small inputs take PyTorch's training kernel for the statistics: its invstd was read
+    back with eps = 0, where a variance that overflows and a zero one both give invstd 0, so an
+    overflowing channel came back as variance 0 with no error. A constant channel's variance
+    is still exactly 0."""
+    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(3)).to(dtype)
+    x[:, 2] = 7.25
+    state = WelfordState(3).update(x)
+    assert state.var(False)[2] == 0 and (state.var(False)[:2] > 0.5).all()
+    if dtype != torch.float64:
+        x[0, 1, 0, 0] = torch.finfo(dtype).max / 2  # finite; its square is not
+        before = state.clone()
+        with pytest.raises(ValueError, match="non-finite|overflow"):
+            state.update(x)
+        assert torch.equal(state.mean, before.mean) and torch.equal(state.m2, before.m2)
