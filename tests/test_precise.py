@@ -1113,7 +1113,7 @@ def test_bn_subclasses_keep_their_own_forward(estimator):
     snap = snapshot(model)
     stats = recompute_bn_stats(model, batches, batch_size=8, estimator=estimator, apply=False)
     assert_unchanged(model, snap)
-    assert [type(m) for m in model] == classes and "_fastpbn_measure" not in vars(model[1])
+    assert [type(m) for m in model] == classes and "forward" not in vars(model[1])
     truth = ground_truth(model, batches)
     for name in ("1", "2"):  # _ScaledStockBN, _ScaledFastBN: they normalize 10x their input
         t = truth[name]
@@ -1178,8 +1178,66 @@ def test_stock_subclass_measured_on_what_its_stock_forward_normalizes(cls):
     snap = snapshot(model)
     with pytest.raises(RuntimeError, match="mat1 and mat2"):  # the second batch, in Linear
         recompute_bn_stats(model, [torch.randn(8, 6, 4), torch.randn(8, 6, 5)])
-    assert type(model[1]) is cls and "_fastpbn_measure" not in vars(model[1])
+    assert type(model[1]) is cls and "forward" not in vars(model[1])
     assert_unchanged(model, snap)
+
+
+class _ByName(nn.BatchNorm2d):
+    def forward(self, x):
+        return nn.BatchNorm2d.forward(self, x * 3)
+
+
+class _OnBase(torch.nn.modules.batchnorm._BatchNorm):
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        return super().forward(x * 3)
+
+
+class _Functional(nn.BatchNorm2d):
+    def forward(self, x):
+        return nn.functional.batch_norm(x * 3, None, None, self.weight, self.bias, True, 0.0,
+                                        self.eps)
+
+
+class _SelfType(nn.BatchNorm2d):
+    def forward(self, x):
+        return super(type(self), self).forward(x * 3)  # (breaks if the class is switched)
+
+
+class _Nested(nn.BatchNorm2d):
+    """Normalizes 3 x what a child BN layer made of its input."""
+
+    def __init__(self, c):
+        super().__init__(c)
+        self.inner = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return super().forward(self.inner(x) * 3)
+
+
+@pytest.mark.parametrize("cls", [_ByName, _OnBase, _Functional, _SelfType, _Nested])
+def test_stock_subclasses_measured_where_they_normalize(cls):
+    """However a stock subclass's forward reaches batch norm (the stock forward by name, a
+    subclass of _BatchNorm itself, F.batch_norm, super(type(self), self), after a child BN
+    layer), what it normalizes is measured; with stop_early on (a subset of the layers), a
+    layer whose forward calls a selected child first is not cut short."""
+    torch.manual_seed(44)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), cls(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4))
+    batches = [shifted(8, 2, 5, 5) for _ in range(3)]
+    names = ["1", "1.inner"] if cls is _Nested else ["1"]
+    stats = recompute_bn_stats(model, batches, layers=names, apply=False)
+    with torch.no_grad():
+        h = torch.cat([model[0](b) for b in batches]).double()
+        if cls is _Nested:  # the child normalizes each batch by its own statistics
+            h = torch.cat([nn.functional.batch_norm(model[0](b).double(), None, None,
+                                                    training=True, eps=1e-5)
+                           for b in batches])
+    seen = (h * 3).transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(stats["1"].mean, seen.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["1"].var, seen.var(1), rtol=1e-5, atol=1e-6)
+    assert type(model[1]) is cls and "forward" not in vars(model[1])
 
 
 class _KeywordCall(nn.Module):
@@ -1461,3 +1519,18 @@ def test_accumulating_forward_path_counts_calls_without_module_hooks(monkeypatch
             b = recompute_bn_stats(hooked, batches, tol=tol, tol_every=2, apply=False)
         assert (a.num_batches, a.converged) == (b.num_batches, b.converged) == stop
         torch.testing.assert_close(a["head_bn"].var, b["head_bn"].var, rtol=1e-6, atol=0)
+
+
+def test_data_parallel_model_runs_the_pass_on_its_module():
+    """An nn.DataParallel model: the pass runs its module (replicas made per call would run
+    copies of the layers); names key without the wrapper's prefix and apply to either."""
+    model = cnn(45)
+    batches = [shifted(32, 1, 8, 8) for _ in range(2)]
+    stats = recompute_bn_stats(nn.DataParallel(model), batches, apply=False)
+    plain = recompute_bn_stats(copy.deepcopy(model), batches, apply=False)
+    assert list(stats) == list(plain) and "features.1" in stats
+    for n in stats:
+        assert torch.equal(stats[n].mean, plain[n].mean) and torch.equal(stats[n].var, plain[n].var)
+    wrapped = nn.DataParallel(model)
+    stats.apply(wrapped)
+    assert torch.equal(model.features[1].running_mean, stats["features.1"].mean.float())

@@ -12,23 +12,24 @@ layers leave alone, but other modules may write in ``forward``). Subclasses,
 and layers whose ``forward`` was replaced on the instance (a wrapper), keep their own
 ``forward`` (only the other exact stock and FastPreciseBN layers get the pass's fast
 forwards): a FastPreciseBN layer among them accumulates whatever ``FastPreciseBN.forward``
-normalizes; a stock subclass with its own ``forward`` is measured on what reaches the stock
-forward through ``super().forward`` (its class is switched for the pass to one with a measuring
-class in its MRO; a call that never gets there is measured at its input); any other layer at
-its input, by the pre-hook.
+normalizes; any other layer (a stock subclass, ``nn.SyncBatchNorm``, a stock layer whose
+``forward`` a wrapper replaced) on the input of the batch-norm call its ``forward`` makes with
+the layer's weight (``F.batch_norm`` or ``torch.batch_norm``, seen by a ``TorchFunctionMode``
+that is active only while that ``forward`` runs), or at its input where it makes none.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import types
 from typing import Callable, Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import UninitializedBuffer
+from torch.overrides import TorchFunctionMode
 
 from .._torch_ops import chan_merge_
 from ..modules import FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d
@@ -40,8 +41,6 @@ FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
 # both their normalization and the accumulator (a hook would read every activation twice)
 BORROW_TYPES = {nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d}
 EXACT_TYPES = BORROW_TYPES | set(FAST_TYPES)
-# the stock classes whose forward a subclass reaches through super().forward
-STOCK_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 LayerSelection = Union[None, str, Sequence[Union[str, nn.Module]], nn.Module,
                        Callable[[str, nn.Module], bool]]
 _MISSING = object()
@@ -64,8 +63,17 @@ def has_running_stats(m: nn.Module) -> bool:
 
 def layer_root(model: nn.Module) -> nn.Module:
     """The module whose names key the statistics and that runs the pass: a
-    ``torch.compile``d model's original one (so its statistics apply to either)."""
-    return getattr(model, "_orig_mod", model)
+    ``torch.compile``d model's original one, an ``nn.DataParallel``'s module (so its
+    statistics apply to either; the pass runs on that module's device: replicas made per
+    call would run copies of the layers, which the pass neither follows nor may merge into
+    from several threads at once)."""
+    while True:
+        if isinstance(model, nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def eager_stance():
@@ -245,11 +253,12 @@ class PassState:
             (m, m.__dict__.get("accumulator", _MISSING)) for _, m in layers
             if isinstance(m, FAST_TYPES) or type(m) in BORROW_TYPES
         ]
-        # layers whose forward is replaced for the pass (FastPreciseBN's, which stock ones
-        # borrow, counting the calls; on the CPU fast path a FlatStats forward): the exact
-        # classes only
+        # layers whose forward is replaced for the pass: the exact classes (FastPreciseBN's
+        # forward, which stock ones borrow, counting the calls; on the CPU fast path a
+        # FlatStats forward) and every other stock layer (its own forward, measured)
         self.forwards = [
-            (m, m.__dict__.get("forward", _MISSING)) for _, m in layers if type(m) in EXACT_TYPES
+            (m, m.__dict__.get("forward", _MISSING)) for _, m in layers
+            if type(m) in EXACT_TYPES or not isinstance(m, FAST_TYPES)
         ]
         # layers whose forward was replaced on the instance (a wrapper may change the input,
         # or move it): their forward runs as it is
@@ -258,7 +267,6 @@ class PassState:
         self.buffers = [(m, name, b, _backup(b)) for m in model.modules()
                         for name, b in m._buffers.items() if _restorable(b)]
         self.handles: list = []
-        self.classes: list[tuple[nn.Module, type]] = []  # stock subclasses, switched for the pass
 
     def enter(self, set_modes: bool) -> None:
         """Stop buffer updates; with ``set_modes`` every module goes to eval and the selected
@@ -293,49 +301,11 @@ class PassState:
                 m.accumulator = acc.target
             if exact:  # stock layers borrow FastPreciseBN's forward; it counts the call too
                 m.forward = _counting_forward(m, i, acc, tracker)
-                continue
-            measuring = None if fast else _measuring_class(type(m))
-            if measuring is not None and self._measure_inside(m, measuring, i, name, acc,
-                                                              tracker):
-                continue
-            self.handles.append(m.register_forward_pre_hook(
-                _pre_hook(i, name, acc, tracker, feed=not fast), with_kwargs=True
-            ))
-            if fast and acc.per_call:
-                self.handles.append(m.register_forward_hook(lambda *_, acc=acc: acc.fold()))
-
-    def _measure_inside(self, m: nn.Module, measuring: type, i: int, name: str,
-                        acc: LayerAccumulator, tracker: CallTracker) -> bool:
-        """A stock subclass with its own ``forward``: measured on what reaches the stock
-        forward through ``super().forward`` (its class is switched, for the pass, to one with
-        a measuring class just before the stock one in its MRO), or, for a call that never
-        gets there (a forward calling ``F.batch_norm``, or the stock class's ``forward`` by
-        name, itself), on its input after it. False (nothing changed) where the instance
-        refuses the class switch."""
-        try:
-            cls, m.__class__ = type(m), measuring
-        except TypeError:
-            return False
-        self.classes.append((m, cls))
-        hit = [False]
-        feed = _feeder(name, acc)
-
-        def measure(x: Tensor) -> None:
-            hit[0] = True
-            feed(x)
-
-        def before(module, args, kwargs):
-            tracker.called(i)
-            hit[0] = False
-
-        def after(module, args, kwargs, output):
-            if not hit[0]:
-                feed(args[0] if args else kwargs.get("input"))
-
-        m.__dict__["_fastpbn_measure"] = measure
-        self.handles.append(m.register_forward_pre_hook(before, with_kwargs=True))
-        self.handles.append(m.register_forward_hook(after, with_kwargs=True))
-        return True
+            elif not fast:  # other stock layers: their own forward, measured
+                m.forward = _measuring_forward(m, i, name, acc, tracker)
+            else:  # FastPreciseBN subclasses and wrapped layers: their accumulator, and the
+                # call counted once it returns (a child layer it calls first comes first)
+                self.handles.append(m.register_forward_hook(_counting_hook(i, acc, tracker)))
 
     def after_forward(self) -> None:
         """Merge what the CPU fast path staged during the forward that just ended."""
@@ -358,10 +328,6 @@ class PassState:
             h.remove()
         self.handles = []
         self.flat = None
-        for m, cls in self.classes:
-            m.__class__ = cls
-            m.__dict__.pop("_fastpbn_measure", None)
-        self.classes = []
         for m, forward in self.forwards:
             if forward is _MISSING:
                 m.__dict__.pop("forward", None)
@@ -439,6 +405,19 @@ def _counting_forward(layer: nn.Module, i: int, acc: LayerAccumulator, tracker: 
     return types.MethodType(forward, layer)
 
 
+def _counting_hook(i: int, acc: LayerAccumulator, tracker: CallTracker):
+    """A forward hook that counts the call (layer ``i``) and, for the per-call estimators,
+    folds its statistics."""
+    fold = acc.fold if acc.per_call else None
+
+    def hook(module, args, output) -> None:
+        tracker.called(i)
+        if fold is not None:
+            fold()
+
+    return hook
+
+
 def _feeder(name: str, acc: LayerAccumulator) -> Callable[[Tensor], None]:
     """Merges one call's batch into ``acc`` (errors name the layer)."""
     def feed(x: Tensor) -> None:
@@ -451,48 +430,50 @@ def _feeder(name: str, acc: LayerAccumulator) -> Callable[[Tensor], None]:
     return feed
 
 
-def _pre_hook(i: int, name: str, acc: LayerAccumulator, tracker: CallTracker, feed: bool):
-    feed_input = _feeder(name, acc) if feed else None
+def _measuring_forward(layer: nn.Module, i: int, name: str, acc: LayerAccumulator,
+                       tracker: CallTracker):
+    """The pass's ``forward`` for a stock layer off the fast paths (a subclass with its own
+    ``forward``, ``nn.SyncBatchNorm``, a layer whose ``forward`` a wrapper replaced): that
+    ``forward``, run under :class:`_BatchNormCalls`, so that each batch is measured where it
+    is normalized, however the forward gets there (``super().forward`` after a transpose or a
+    scaling, the stock class's forward by name, ``F.batch_norm``); a call that makes no such
+    batch-norm call (a synchronizing ``nn.SyncBatchNorm``) is measured at its input. The call
+    is counted once it returns, so that a child layer it calls first comes first in the
+    tracker's order (and a stop after the last layer does not cut this one short)."""
+    run = layer.forward  # the instance's wrapper, or the class's forward (bound)
+    feed = _feeder(name, acc)
 
-    def hook(module, args, kwargs):
+    def forward(*args, **kwargs):
+        calls = _BatchNormCalls(layer.weight, feed)
+        with calls:
+            y = run(*args, **kwargs)
+        if not calls.fed:
+            feed(args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None)))
         tracker.called(i)
-        if feed_input is not None:
-            feed_input(args[0] if args else kwargs.get("input"))
-        return None
+        return y
 
-    return hook
+    return forward
 
 
-@functools.lru_cache(maxsize=None)
-def _measuring_class(cls: type) -> Optional[type]:
-    """For a subclass of a stock BN class that defines its own ``forward``: ``cls`` with a
-    measuring class inserted just before that stock class in its MRO, so that
-    ``super().forward(x)`` measures the x it normalizes (a subclass may transpose or scale its
-    input first). None for other classes, or where the MRO cannot take the insertion."""
-    mro = cls.__mro__
-    base = next((c for c in mro if c in STOCK_TYPES), None)
-    if base is None or base is cls:
-        return None
-    if not any("forward" in c.__dict__ for c in mro[:mro.index(base)]):
-        return None  # the stock forward itself: its input is what it normalizes
-    try:
-        return type(cls.__name__, (cls, _measured(base)),
-                    {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-    except TypeError:  # an MRO conflict, a layout the switch cannot take
-        return None
+# the batch-norm functions a stock forward calls, and where their weight argument is
+_WEIGHT_SLOT = {F.batch_norm: 3, torch.batch_norm: 1}
 
 
-@functools.lru_cache(maxsize=None)
-def _measured(base: type) -> type:
-    """A subclass of the stock class ``base`` whose forward hands its input to the layer's
-    pass-time measure, then runs ``base``'s forward."""
+class _BatchNormCalls(TorchFunctionMode):
+    """Active while one measured layer's ``forward`` runs: feeds the input of each batch-norm
+    call made with that layer's weight (any call, for a layer without one); every other call
+    passes through untouched (to an enclosing layer's mode, when layers nest)."""
 
-    class Measured(base):
-        def forward(self, input: Tensor) -> Tensor:
-            measure = self.__dict__.get("_fastpbn_measure")  # (a copy made during the pass)
-            if measure is not None:
-                measure(input)
-            return super().forward(input)
+    def __init__(self, weight: Optional[Tensor], feed: Callable[[Tensor], None]):
+        super().__init__()
+        self.weight, self.feed, self.fed = weight, feed, False
 
-    Measured.__qualname__ = Measured.__name__ = f"_Measured{base.__name__}"
-    return Measured
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        slot = _WEIGHT_SLOT.get(func)
+        if slot is not None:
+            weight = args[slot] if len(args) > slot else kwargs.get("weight")
+            if weight is self.weight:
+                self.fed = True
+                self.feed(args[0] if args else kwargs["input"])
+        return func(*args, **kwargs)

@@ -38,12 +38,11 @@ def update_bn_stats(
     mode: they run as they are); the result is the pooled statistics of every value a layer
     saw, with ``running_var`` = M2/N (biased, as fvcore writes it); ``num_batches_tracked``
     advances by one per call, as in fvcore. fvcore reads the buffers each forward wrote, so it
-    measures what a layer normalizes; so does this: stock and FastPreciseBN layers and their
-    subclasses are measured on what their stock or FastPreciseBN forward normalizes (a
-    subclass that transposes or scales its input before ``super().forward`` included). A
-    call that does not go through ``super()`` to such a forward (one calling
-    ``F.batch_norm`` or ``nn.BatchNorm2d.forward`` itself; a stock layer whose ``forward`` a
-    wrapper replaced on the instance) is measured on the layer's input.
+    measures what a layer normalizes; so does this: FastPreciseBN layers on what
+    ``FastPreciseBN.forward`` normalizes, any other on the input of the batch-norm call its
+    ``forward`` makes with the layer's weight (a subclass that transposes or scales its input
+    first included), or at its input where it makes none (a synchronizing
+    ``nn.SyncBatchNorm``).
     ``nn.SyncBatchNorm`` layers that synchronize (``torch.distributed`` initialized, more
     than one process in the layer's group) get the statistics of every process's data, as in
     fvcore: each process measures its own, then one exact merge over the layer's group at the

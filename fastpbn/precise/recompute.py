@@ -94,11 +94,10 @@ def recompute_bn_stats(
             head that runs only in training, is left unchanged with a warning). Subclasses,
             and layers whose ``forward`` was replaced on the instance, keep their own
             ``forward``. A FastPreciseBN layer is measured on what ``FastPreciseBN.forward``
-            normalizes, a stock subclass on what its ``super().forward`` receives (one that
-            transposes or scales its input first, say); a call that does not go through
-            ``super()`` to a stock forward (one calling ``F.batch_norm`` or
-            ``nn.BatchNorm2d.forward`` itself; a stock layer whose ``forward`` a wrapper
-            replaced) is measured on the layer's input.
+            normalizes; any other on the input of the batch-norm call its ``forward`` makes
+            with the layer's weight (``F.batch_norm`` or ``torch.batch_norm``, however it gets
+            there: after a transpose or a scaling, through ``super()`` or by name), or at its
+            input where it makes none (a synchronizing ``nn.SyncBatchNorm``).
         input_fn: ``input_fn(item)`` -> model input: a tensor or a structure (tuples,
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
             of them; 0-d tensors and other leaves ride along, taken from the first loader
