@@ -77,7 +77,7 @@ class WelfordState:
         Args:
             check: verify the result is finite (one host synchronization); on failure the state
                 is restored and ``ValueError`` raised. Pass False in hot loops and check once
-                at the end with :meth:`check_finite`.
+                at the end with :meth:`is_finite`.
         Returns:
             self
         """
@@ -106,13 +106,16 @@ class WelfordState:
         order), so that every rank holds the same, bitwise identical, result.
 
         Raises:
-            ValueError: on every rank, when the ranks' states have different channel counts
-                (left unchanged). Checked with one small collective first: a mismatched
-                all-gather would abort the process (gloo) or hang (NCCL) instead.
+            ValueError: on a process outside ``group``; on every rank, when the ranks'
+                states have different channel counts (left unchanged), checked with one small
+                collective first: a mismatched all-gather would abort the process (gloo) or
+                hang (NCCL) instead.
         """
         import torch.distributed as dist
 
         world = dist.get_world_size(group)
+        if world < 1:  # (torch.distributed only warns, and the merge would wipe the state)
+            raise ValueError("WelfordState.all_reduce: this process is not a member of group")
         local = torch.stack([self.count, self.mean, self.m2])
         sizes = [torch.empty(1, dtype=torch.int64, device=local.device) for _ in range(world)]
         dist.all_gather(sizes, torch.tensor([self.mean.numel()], device=local.device),

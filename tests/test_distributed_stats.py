@@ -73,3 +73,33 @@ def test_all_reduce_rejects_different_channel_counts(tmp_path):
         unchanged, outcome = (tmp_path / f"out.{r}").read_text().split("\n", 1)
         assert unchanged == "True"
         assert "different channel counts (per rank: [4, 5])" in outcome, outcome
+
+
+def _outsider_worker(rank, world, init_file, out_file):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        group = dist.new_group([0, 1])
+        state = WelfordState(2).update(torch.randn(5, 2) + rank)
+        before = state.clone()
+        try:
+            state.all_reduce(group)
+            outcome = "returned"
+        except ValueError as e:
+            outcome = str(e)
+        kept = torch.equal(state.count, before.count) and torch.equal(state.mean, before.mean)
+        with open(f"{out_file}.{rank}", "w") as f:
+            f.write(f"{kept}\n{outcome}")
+    finally:
+        gloo.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+def test_all_reduce_on_a_process_outside_the_group_raises(tmp_path):
+    """A process outside ``group`` raised nothing and was left with an empty state (its
+    all-gathers are no-ops); now it raises and keeps its state; the members merge."""
+    gloo.spawn(_outsider_worker, (3, str(tmp_path / "init"), str(tmp_path / "out")), nprocs=3)
+    outcomes = [(tmp_path / f"out.{r}").read_text().split("\n", 1) for r in range(3)]
+    assert outcomes[0][1] == outcomes[1][1] == "returned"
+    assert outcomes[2] == ["True", "WelfordState.all_reduce: this process is not a member of "
+                                   "group"]

@@ -863,7 +863,9 @@ def test_invalid_metadata_is_rejected(kwargs, message):
     (lambda meta, t: meta.update({"layers": '["bn", "bn"]'}), "not a list of distinct names"),
     (lambda meta, t: meta.update({"layers": '{"bn": 1}'}), "not a list of distinct names"),
     (lambda meta, t: meta.update({"estimator": "mode"}), "estimator must be one of"),
-    (lambda meta, t: meta.update({"num_samples": "-3"}), "num_samples must be a non-negative"),
+    (lambda meta, t: meta.update({"num_samples": "-3"}), "num_samples is '-3', not a count"),
+    (lambda meta, t: meta.update({"num_batches": "8_0"}), "num_batches is '8_0', not a count"),
+    (lambda meta, t: meta.update({"num_samples": " 8 "}), "num_samples is ' 8 ', not a count"),
     (lambda meta, t: meta.update({"converged": "3"}), "converged must be None, True or False"),
 ])
 def test_load_rejects_files_save_never_writes(tmp_path, monkeypatch, backend, edit, message):
@@ -881,6 +883,55 @@ def test_load_rejects_files_save_never_writes(tmp_path, monkeypatch, backend, ed
         safetensors_torch.save_file(tensors, str(path), metadata=meta)
     with pytest.raises(ValueError, match=f"edited.bin: cannot read PopulationStats: .*{message}"):
         PopulationStats.load(path)
+
+
+def test_population_stats_own_their_values_and_keep_to_what_they_can_write(tmp_path):
+    """Constructor: its own copies (a caller's later change cannot slip past the checks),
+    string names, counts as ints; apply refuses statistics that overflow a float32 buffer
+    as it did float16 ones, writing nothing; a zero-channel layer prints and drifts; drift
+    reads inference-tensor buffers."""
+    mean = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    stats = PopulationStats({"bn": (mean, [1.0, 2.0], [4, 4])}, batch_size=8.0,
+                            num_samples=10**30)
+    mean[0] = float("nan")
+    assert stats["bn"].mean[0] == 0 and type(stats.batch_size) is int
+    with pytest.raises(ValueError, match="layer names must be strings"):
+        PopulationStats({0: ([0.0], [1.0], [4])})
+    with pytest.raises(ValueError, match="num_samples must be a non-negative integer"):
+        PopulationStats({}, num_samples=float("inf"))
+    assert PopulationStats({}, num_samples=10**400).num_samples == 10**400
+    model = nn.Sequential(nn.BatchNorm2d(2))
+    snap = snapshot(model)
+    big = PopulationStats({"0": (torch.tensor([1e300, 0.0], dtype=torch.float64), [1.0, 1.0],
+                                 [4, 4])})
+    with pytest.raises(ValueError, match="'0'.*overflow.*float32"):
+        big.apply(model)
+    assert_unchanged(model, snap)
+    empty = PopulationStats({"0": ([], [], [])})
+    assert "C=0" in repr(empty)
+    assert empty.drift(nn.Sequential(nn.BatchNorm2d(0)))[0]["mean_err_max"] == 0.0
+    with torch.inference_mode():
+        frozen = nn.Sequential(nn.BatchNorm2d(2))
+    rows = PopulationStats({"0": ([0.0, 0.0], [1.0, 1.0], [4, 4])}).drift(frozen)
+    assert rows[0]["mean_err_max"] == 0.0
+
+
+def test_a_safetensors_file_whose_header_reads_pk_loads(tmp_path):
+    """A safetensors file begins with its header's length: 19280 bytes reads "PK", which load
+    took for a torch.save zip archive. Layer names long enough to give that length."""
+    path = tmp_path / "s.safetensors"
+    pytest.importorskip("safetensors")
+
+    def header_len(n):
+        PopulationStats({"x" * n: ([0.0], [1.0], [4])}).save(path)
+        return int.from_bytes(path.read_bytes()[:8], "little")
+
+    base = header_len(0)
+    n = (0x4B50 - base) // 4
+    while header_len(n) < 0x4B50:
+        n += 1
+    assert path.read_bytes()[:2] == b"PK"
+    assert list(PopulationStats.load(path)) == ["x" * n]
 
 
 def test_drift_reports_how_far_the_ema_is():

@@ -45,6 +45,8 @@ class PopulationStats(Mapping):
                  batch_size: Optional[int] = None, converged: Optional[bool] = None):
         self._layers: dict[str, LayerStats] = {}
         for name, value in layers.items():
+            if not isinstance(name, str):
+                raise ValueError(f"layer names must be strings, got {name!r}")
             mean, var, count = (_cpu_f64(v) for v in value)
             if not (mean.numel() == var.numel() == count.numel()):
                 raise ValueError(f"layer {name!r}: mean, var and count differ in length")
@@ -58,8 +60,10 @@ class PopulationStats(Mapping):
         self.estimator = estimator
         self.num_samples = _count(num_samples, "num_samples")
         self.num_batches = _count(num_batches, "num_batches")
-        if batch_size is not None and _count(batch_size, "batch_size") == 0:
-            raise ValueError("batch_size must be None or a positive integer, got 0")
+        if batch_size is not None:
+            batch_size = _count(batch_size, "batch_size")
+            if batch_size == 0:
+                raise ValueError("batch_size must be None or a positive integer, got 0")
         self.batch_size = batch_size
         if converged is not None and not isinstance(converged, bool):
             raise ValueError(f"converged must be None, True or False, got {converged!r}")
@@ -84,6 +88,9 @@ class PopulationStats(Mapping):
                 f"batch_size={self.batch_size}, converged={self.converged})")
         lines = [head]
         for name, s in self._layers.items():
+            if s.mean.numel() == 0:
+                lines.append(f"  {name or '<model>'}: C=0")
+                continue
             lines.append(
                 f"  {name or '<model>'}: C={s.mean.numel()} values/channel={int(s.count.max())} "
                 f"|mean| max={s.mean.abs().max():.4g} var min={s.var.min():.4g} "
@@ -91,7 +98,7 @@ class PopulationStats(Mapping):
             )
         return "\n".join(lines)
 
-    def _layer(self, model: nn.Module, name: str) -> nn.Module:
+    def _layer(self, model: nn.Module, name: str, write: bool = True) -> nn.Module:
         m = layer_root(model)  # a torch.compile'd model: its original module's names
         for part in name.split(".") if name else ():  # get_submodule, minus its overhead
             m = m._modules.get(part) if isinstance(m, nn.Module) else None
@@ -103,7 +110,8 @@ class PopulationStats(Mapping):
         rm, rv = m.running_mean, m.running_var
         if rm.numel() != c or rv.numel() != c:
             raise ValueError(f"layer {name!r} has {rm.numel()} channels, these stats have {c}")
-        if (rm.is_inference() or rv.is_inference()) and not torch.is_inference_mode_enabled():
+        if write and (rm.is_inference() or rv.is_inference()) \
+                and not torch.is_inference_mode_enabled():
             raise ValueError(f"layer {name!r}: its running statistics are inference tensors "
                              "(made under torch.inference_mode); they can only be written "
                              "inside it")
@@ -121,14 +129,13 @@ class PopulationStats(Mapping):
         for name, s in self._layers.items():
             m = self._layer(model, name)
             for buf, value in ((m.running_mean, s.mean), (m.running_var, s.var)):
-                value = value.to(device=buf.device, dtype=buf.dtype)
-                # (float16 only: a host read per layer, and meta buffers have no values)
-                if buf.dtype == torch.float16 and not bool(torch.isfinite(value).all()):
+                value = value.to(buf.dtype)  # on the CPU: checked without a device read
+                if not bool(torch.isfinite(value).all()):
                     raise ValueError(f"layer {name!r}: its statistics overflow its {buf.dtype} "
                                      "running buffers (|mean| up to "
                                      f"{s.mean.abs().max().item():.3g}, var up to "
                                      f"{s.var.max().item():.3g})")
-                writes.append((name, buf, value))
+                writes.append((name, buf, value.to(buf.device)))
         written: list[tuple[Tensor, Tensor]] = []
         try:
             for name, buf, value in writes:
@@ -159,16 +166,18 @@ class PopulationStats(Mapping):
         """
         rows = []
         for name, s in self._layers.items():
-            m = self._layer(model, name)
+            m = self._layer(model, name, write=False)
             rm = m.running_mean.detach().to("cpu", torch.float64)
             rv = m.running_var.detach().to("cpu", torch.float64).clamp_min(0)
             std = s.var.clamp_min(0).sqrt()
             mean_err = _ratio((rm - s.mean).abs(), std)
             std_err = _ratio((rv.sqrt() - std).abs(), std)
+            # (a zero-channel layer: no error)
+            top = lambda e, f: f(e).item() if e.numel() else 0.0  # noqa: E731
             rows.append({
                 "layer": name, "channels": s.mean.numel(),
-                "mean_err_max": mean_err.max().item(), "mean_err_avg": mean_err.mean().item(),
-                "std_err_max": std_err.max().item(), "std_err_avg": std_err.mean().item(),
+                "mean_err_max": top(mean_err, torch.max), "mean_err_avg": top(mean_err, torch.mean),
+                "std_err_max": top(std_err, torch.max), "std_err_avg": top(std_err, torch.mean),
             })
         return rows
 
@@ -211,7 +220,7 @@ class PopulationStats(Mapping):
             ValueError: it is not a complete, valid saved PopulationStats (naming the file).
         """
         with open(path, "rb") as f:
-            is_zip = f.read(2) == b"PK"
+            is_zip = f.read(4) == b"PK\x03\x04"  # (a safetensors header may begin with "PK")
         try:
             if is_zip:
                 blob = torch.load(path, map_location="cpu", weights_only=True)
@@ -238,8 +247,8 @@ class PopulationStats(Mapping):
                                      "not a float64 vector")
             layers = {n: tuple(tensors[f"{n}.{f}"] for f in _FIELDS) for n in names}
             return cls(layers, estimator=meta["estimator"],
-                       num_samples=int(meta["num_samples"]),
-                       num_batches=int(meta["num_batches"]),
+                       num_samples=_saved_int(meta["num_samples"], "num_samples"),
+                       num_batches=_saved_int(meta["num_batches"], "num_batches"),
                        batch_size=json.loads(meta["batch_size"]),
                        converged=json.loads(meta["converged"]))
         except Exception as e:  # a foreign, truncated or incomplete file (it opened above)
@@ -248,17 +257,23 @@ class PopulationStats(Mapping):
 
 
 def _cpu_f64(v: Any) -> Tensor:
-    """``v`` as a flat float64 CPU tensor without autograd history (itself when it is one)."""
-    if not (isinstance(v, Tensor) and v.dtype == torch.float64 and v.dim() == 1
-            and v.device.type == "cpu" and not v.requires_grad):
-        v = torch.as_tensor(v).detach().to("cpu", torch.float64).reshape(-1)
-    return v
+    """``v`` as a flat float64 CPU tensor without autograd history, always a copy of its own
+    (a caller that changes its tensors afterwards cannot undo the checks)."""
+    return torch.as_tensor(v).detach().to("cpu", torch.float64, copy=True).reshape(-1)
+
+
+def _saved_int(s: Any, name: str) -> int:
+    """A count as :meth:`PopulationStats.save` writes it: a string of ASCII digits."""
+    if not (isinstance(s, str) and s.isascii() and s.isdigit()):
+        raise ValueError(f"{name} is {s!r}, not a count")
+    return int(s)
 
 
 def _count(v: Any, name: str) -> int:
     """``v`` as a non-negative int (an integral float such as 64.0 too), else ValueError."""
-    if (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)
-            or v != int(v) or v < 0):
+    integral = isinstance(v, numbers.Integral) or (
+        isinstance(v, numbers.Real) and math.isfinite(v) and v == int(v))
+    if isinstance(v, bool) or not integral or v < 0:
         raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
     return int(v)
 
