@@ -184,7 +184,7 @@ def batch_norm_train(
         # SubgraphTracer"). Eager: a float stays itself.
         momentum = float(momentum)
     acc = (None, None, None)
-    if accumulator is not None:
+    if accumulator is not None and input.numel() > 0:  # (an empty batch adds nothing)
         try:
             accumulator._check_input(input)
         except (TypeError, ValueError) as e:

@@ -1585,3 +1585,36 @@ def test_data_parallel_model_runs_the_pass_on_its_module():
     wrapped = nn.DataParallel(model)
     stats.apply(wrapped)
     assert torch.equal(model.features[1].running_mean, stats["features.1"].mean.float())
+
+
+class _EmptyHead(nn.Module):
+    """Calls its BN layer a second time on an empty selection (a head with no proposals)."""
+
+    def __init__(self, bn):
+        super().__init__()
+        self.bn = bn
+
+    def forward(self, x):
+        return self.bn(x), self.bn(x[x[:, 0, 0, 0] > 1e9])
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d, FastPreciseBN2d, _ScaledStockBN])
+def test_empty_batches_add_nothing(bn):
+    """Stock BN runs an empty batch; the passes failed on one (a bare ZeroDivisionError on the
+    CPU fast path, 'no values per channel' from an accumulator). Now it adds nothing."""
+    torch.manual_seed(46)
+    batches = [shifted(8, 3, 4, 4) for _ in range(3)]
+    model = _EmptyHead(bn(3))
+    stats = recompute_bn_stats(model, batches, apply=False)["bn"]
+    plain = recompute_bn_stats(model.bn, batches, apply=False)[""]
+    assert torch.equal(stats.count, plain.count)
+    torch.testing.assert_close(stats.mean, plain.mean, rtol=1e-12, atol=0)
+    fv, ref = copy.deepcopy(model).train(), copy.deepcopy(model.bn).train()
+    update_bn_stats(fv, batches, num_iters=3)
+    update_bn_stats(ref, batches, num_iters=3)
+    torch.testing.assert_close(fv.bn.running_var, ref.running_var, rtol=1e-6, atol=0)
+    if bn is FastPreciseBN2d:
+        layer = FastPreciseBN2d(3)
+        layer.accumulator = WelfordState(3)
+        assert layer(torch.empty(0, 3, 4, 4)).shape == (0, 3, 4, 4)
+        assert layer.accumulator.count.sum() == 0

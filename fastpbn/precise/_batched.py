@@ -81,6 +81,9 @@ class FlatStats:
                 raise RuntimeError(f"running_mean should contain {x.shape[1]} elements not "
                                    f"{module.num_features}")
             _verify_batch_size(x)
+            if x.numel() == 0:  # an empty batch (a head with no proposals): no values to add
+                return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0,
+                                    module.eps)
             if self.n[slot]:
                 self.flush()
             if x.dtype == torch.float64:  # as PyTorch's own CPU kernel

@@ -421,6 +421,8 @@ def _counting_hook(i: int, acc: LayerAccumulator, tracker: CallTracker):
 def _feeder(name: str, acc: LayerAccumulator) -> Callable[[Tensor], None]:
     """Merges one call's batch into ``acc`` (errors name the layer)."""
     def feed(x: Tensor) -> None:
+        if isinstance(x, Tensor) and x.numel() == 0:  # an empty batch: no values to add
+            return
         try:
             acc.target.update(x, check=False)  # no host sync: finiteness is checked at the end
         except (TypeError, ValueError) as e:
