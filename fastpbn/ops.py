@@ -263,11 +263,21 @@ def batch_norm(
     return _function.batch_norm_eval_no_grad(*args, backend=backend)
 
 
-def batch_stats(x: Tensor) -> tuple[Tensor, Tensor, int]:
+def batch_stats(x: Tensor, check: bool = True) -> tuple[Tensor, Tensor, int]:
     """Per-channel statistics of ``x`` (N, C, *): float32 mean and biased variance, computed
-    centred (never sum / sum-of-squares), and the number of values per channel."""
+    centred (never sum / sum-of-squares), and the number of values per channel.
+
+    Args:
+        check: raise ``ValueError`` where a statistic is not finite (one host
+            synchronization); False returns them as they are (NaN for NaN input, as
+            ``torch.var_mean``).
+    """
     _check_input(x, "x")
     if x.numel() == 0:
         raise ValueError(f"x has no values per channel (shape {tuple(x.shape)})")
     x = x.detach()  # statistics have no gradient (an activation may require one)
-    return get_backend(x).batch_stats(x)
+    mean, var, count = get_backend(x).batch_stats(x)
+    if check and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
+        raise ValueError("x: its statistics are not finite (NaN or Inf values, or a variance "
+                         "that overflows float32)")
+    return mean, var, count

@@ -1618,3 +1618,20 @@ def test_empty_batches_add_nothing(bn):
         layer.accumulator = WelfordState(3)
         assert layer(torch.empty(0, 3, 4, 4)).shape == (0, 3, 4, 4)
         assert layer.accumulator.count.sum() == 0
+
+
+def test_device_argument_that_cannot_be_used_is_named():
+    """device= this process cannot use raised whatever PyTorch said deep inside the pass (a
+    CUDA stream without CUDA, a missing backend); now a ValueError names it, model unchanged.
+    update_bn_stats takes a numpy integer num_iters, as fvcore does."""
+    np = pytest.importorskip("numpy")
+    model = cnn(47)
+    snap = snapshot(model)
+    batches = [shifted(8, 1, 8, 8)]
+    bad = ["meta", "not-a-device"] + ([] if torch.cuda.is_available() else ["cuda"])
+    for device in bad:
+        with pytest.raises(ValueError, match="device="):
+            recompute_bn_stats(model, batches, device=device)
+    assert_unchanged(model, snap)
+    update_bn_stats(model.train(), batches, num_iters=np.int64(1))
+    assert int(model.features[1].num_batches_tracked) == 1

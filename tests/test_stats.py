@@ -105,6 +105,21 @@ def test_bad_input_leaves_state_unchanged(backend):
         assert torch.equal(a, b)
 
 
+def test_batch_stats_refuses_non_finite_statistics(backend):
+    """batch_stats returned NaN / inf statistics without a word (float64 input at 1e100 too,
+    whose variance a float32 result cannot hold); check=False keeps torch.var_mean's way."""
+    from fastpbn import batch_stats
+
+    x = shifted_batches([4])[0]
+    x[1, 2, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="^x: its statistics are not finite"):
+        batch_stats(x)
+    assert torch.isnan(batch_stats(x, check=False)[0][2])
+    if backend.startswith("torch"):  # (float64: the torch backend's alone)
+        with pytest.raises(ValueError, match="not finite"):
+            batch_stats(torch.randn(4, 2, 3, dtype=torch.float64, device=DEVICE) * 1e100)
+
+
 def test_var_undefined_and_constructor_errors():
     state = WelfordState(2)
     assert torch.isnan(state.var()).all()

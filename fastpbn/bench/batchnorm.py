@@ -203,7 +203,7 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
                                        baseline, t, tb, copy_gbps, graph))
 
     if "stats" in case.passes.get("train", ()):
-        t = measure("stats fastpbn", lambda: lambda: batch_stats(x.detach()))
+        t = measure("stats fastpbn", lambda: lambda: batch_stats(x.detach(), check=False))
         for name, fn in _stats_fns(x).items():
             record("stats", "train", name, t, measure(f"stats {name}", lambda f=fn: f))
     for mode, passes in case.passes.items():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import numbers
 import warnings
 from typing import Any, Iterable, Optional
 
@@ -71,8 +72,10 @@ def update_bn_stats(
     Raises:
         ValueError: the loader ended before ``num_iters`` items; non-finite statistics.
     """
-    if isinstance(num_iters, bool) or not isinstance(num_iters, int) or num_iters < 1:
+    if isinstance(num_iters, bool) or not isinstance(num_iters, numbers.Integral) \
+            or num_iters < 1:
         raise ValueError(f"num_iters must be a positive integer, got {num_iters!r}")
+    num_iters = int(num_iters)  # (a numpy integer, as fvcore accepts)
     if progress not in (None, False, True, "tqdm"):  # (fvcore's callers pass False too)
         raise ValueError(f"progress must be None, False, True or 'tqdm', got {progress!r}")
     root = layer_root(model)  # a compiled model: its original module runs the pass (eagerly)

@@ -385,9 +385,17 @@ def _resolve_device(device, selected) -> Optional[torch.device]:
                          "to a real device first")
     if device is not None:
         try:
-            return torch.device(device)
+            device = torch.device(device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"device={device!r} is not a device: {e}") from None
+        if device.type == "meta":
+            raise ValueError("device='meta' holds no data")
+        try:  # one this process can use (a GPU that is there, a backend built in)
+            torch.empty(0, device=device)
+        except Exception as e:  # (RuntimeError, AssertionError "not compiled with CUDA", ...)
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ValueError(f"device={str(device)!r} cannot be used here: {first}") from None
+        return device
     devices = {m.running_mean.device for _, m in selected}
     return devices.pop() if len(devices) == 1 else None
 
