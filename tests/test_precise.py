@@ -825,6 +825,12 @@ def test_invalid_stats_are_rejected_on_construction_and_load(tmp_path):
         PopulationStats({"bn": ([0.0, float("nan")], [1.0, 1.0], [4, 4])})
     with pytest.raises(ValueError, match="layer 'bn'.*non-negative"):
         PopulationStats({"bn": ([0.0, 0.0], [1.0, -1.0], [4, 4])})
+    with pytest.raises(ValueError, match="layer 'bn'.*count a non-negative integer"):
+        PopulationStats({"bn": ([0.0], [1.0], [0.5])})
+    for value in ((torch.tensor([1j]), [1.0], [4]), (torch.zeros(1, device="meta"), [1.0], [4]),
+                  ([0.0], [1.0])):
+        with pytest.raises(ValueError, match="layer 'bn': \\(mean, var, count\\) must be three"):
+            PopulationStats({"bn": value})
     good = PopulationStats({"bn": ([0.0, 1.0], [1.0, 2.0], [4, 4])})
     path = tmp_path / "stats.safetensors"
     good.save(path)

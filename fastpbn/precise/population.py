@@ -47,13 +47,18 @@ class PopulationStats(Mapping):
         for name, value in layers.items():
             if not isinstance(name, str):
                 raise ValueError(f"layer names must be strings, got {name!r}")
-            mean, var, count = (_cpu_f64(v) for v in value)
+            try:
+                mean, var, count = (_cpu_f64(v) for v in value)
+            except (TypeError, ValueError, RuntimeError, NotImplementedError) as e:
+                raise ValueError(f"layer {name!r}: (mean, var, count) must be three real "
+                                 f"vectors: {e}") from e
             if not (mean.numel() == var.numel() == count.numel()):
                 raise ValueError(f"layer {name!r}: mean, var and count differ in length")
             if not (mean.isfinite().all() and var.isfinite().all() and (var >= 0).all()
-                    and count.isfinite().all() and (count >= 0).all()):
-                raise ValueError(f"layer {name!r}: mean, var and count must be finite, var and "
-                                 "count non-negative")
+                    and count.isfinite().all() and (count >= 0).all()
+                    and (count == count.floor()).all()):
+                raise ValueError(f"layer {name!r}: mean, var and count must be finite, var "
+                                 "non-negative, count a non-negative integer")
             self._layers[name] = LayerStats(mean, var, count)
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
@@ -259,7 +264,10 @@ class PopulationStats(Mapping):
 def _cpu_f64(v: Any) -> Tensor:
     """``v`` as a flat float64 CPU tensor without autograd history, always a copy of its own
     (a caller that changes its tensors afterwards cannot undo the checks)."""
-    return torch.as_tensor(v).detach().to("cpu", torch.float64, copy=True).reshape(-1)
+    t = torch.as_tensor(v)
+    if t.is_complex():
+        raise TypeError(f"complex values ({t.dtype})")
+    return t.detach().to("cpu", torch.float64, copy=True).reshape(-1)
 
 
 def _saved_int(s: Any, name: str) -> int:
