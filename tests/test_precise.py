@@ -687,6 +687,7 @@ def test_empty_data_no_bn_never_ran_and_bad_arguments():
     assert_unchanged(unused, snapshot(unused))
     for kw, match in [(dict(estimator="ema"), "estimator"), (dict(batch_size=1), "batch_size"),
                       (dict(num_samples=0), "num_samples"), (dict(tol=-1.0), "tol"),
+                      (dict(tol=True), "tol"),
                       (dict(layers=[nn.ReLU()]), "layers"), (dict(cuda_graph=True), "cuda"),
                       (dict(device="gpu0"), "device='gpu0'")]:
         with pytest.raises(ValueError, match=match):
@@ -1641,3 +1642,55 @@ def test_device_argument_that_cannot_be_used_is_named():
     assert_unchanged(model, snap)
     update_bn_stats(model.train(), batches, num_iters=np.int64(1))
     assert int(model.features[1].num_batches_tracked) == 1
+
+
+def test_carried_samples_survive_a_source_that_refills_its_tensor():
+    """batch_size regroups loader batches: samples carried to the next batch were views of
+    the loader's tensor, which a source may refill once it moves on (wrong statistics with no
+    error); they are copied now."""
+    g = torch.Generator().manual_seed(48)
+    data = [torch.randn(12, 3, 4, 4, generator=g) * (1 + i) + i for i in range(4)]
+    buffer = torch.empty(12, 3, 4, 4)
+
+    def refilled():
+        for x in data:
+            buffer.copy_(x)
+            yield buffer
+
+    bn = nn.BatchNorm2d(3)
+    stats = recompute_bn_stats(bn, refilled(), batch_size=16, apply=False)[""]
+    truth = recompute_bn_stats(nn.BatchNorm2d(3), data, batch_size=16, apply=False)[""]
+    assert torch.equal(stats.mean, truth.mean) and torch.equal(stats.var, truth.var)
+
+
+class _CachingNet(nn.Module):
+    """Registers a buffer in its first forward (a lazily built cache)."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.empty = nn.BatchNorm2d(0)
+
+    def forward(self, x):
+        if not hasattr(self, "cache"):
+            self.register_buffer("cache", x.mean(0))
+        return self.bn(x)
+
+
+def test_buffers_registered_during_the_pass_and_zero_channel_layers():
+    """A buffer the forward registers during the pass is gone after it (the model is as it
+    was, also on error); a zero-channel BN layer (nothing to recompute) is left out rather
+    than failing the call, and naming it is an error that says why."""
+    model = _CachingNet()
+    keys = set(model.state_dict())
+    stats = recompute_bn_stats(model, [shifted(8, 3, 4, 4)], apply=False)
+    assert list(stats) == ["bn"] and set(model.state_dict()) == keys
+    def failing():
+        yield shifted(8, 3, 4, 4)
+        raise RuntimeError("bad batch")
+
+    with pytest.raises(RuntimeError, match="bad batch"):
+        recompute_bn_stats(model, failing())
+    assert set(model.state_dict()) == keys
+    with pytest.raises(ValueError, match="'empty'.* has no channels"):
+        recompute_bn_stats(model, [shifted(8, 3, 4, 4)], layers=["empty"])

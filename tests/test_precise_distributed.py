@@ -145,3 +145,53 @@ def test_update_bn_stats_merges_sync_batchnorm_over_the_ranks(tmp_path):
                                rtol=1e-5, atol=1e-6)
     # the plain layer after it: per rank (its inputs differ between ranks)
     assert not torch.equal(res[0]["4.running_mean"], res[1]["4.running_mean"])
+
+
+def _mismatch_worker(rank, init_file, out_dir):
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                                world_size=WORLD, timeout=timedelta(seconds=60))
+        model, data = model_and_data()
+        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+        results = {}
+        for case, kw in [("layers", {"layers": [names[rank]]}),  # same width, other layer
+                         ("estimator", {"estimator": ("population", "batch_mean")[rank]})]:
+            try:
+                recompute_bn_stats(model, data[rank], **kw)
+                results[case] = None
+            except ValueError as e:
+                results[case] = str(e)
+        results["buffers"] = buffers(model)
+        alone = dist.new_group([0])
+        try:
+            recompute_bn_stats(model, data[rank], process_group=alone)
+            results["outsider"] = None
+        except ValueError as e:
+            results["outsider"] = str(e)
+        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        gloo.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def test_ranks_that_would_merge_different_layers_all_raise(tmp_path):
+    """Ranks selecting different layers of one width, or with different estimators, merged
+    the wrong layers without a word or failed on one rank only (the merges pair layers by
+    position); now every rank raises before reading data, model unchanged. A process outside
+    process_group raises instead of running on its own data."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    gloo.spawn(_mismatch_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    for r in range(WORLD):
+        assert not (tmp_path / f"error{r}.txt").exists(), (tmp_path / f"error{r}.txt").read_text()
+    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    model, _ = model_and_data()
+    for r in range(WORLD):
+        for case in ("layers", "estimator"):
+            assert "the ranks would recompute different BN layers" in res[r][case], (r, case)
+        for k, v in buffers(model).items():
+            assert torch.equal(res[r]["buffers"][k], v), k
+    assert res[0]["outsider"] is None
+    assert "not a member" in res[1]["outsider"]

@@ -89,7 +89,9 @@ def select_layers(model: nn.Module, layers: LayerSelection) -> list[tuple[str, n
     """(name, layer) of the BN layers with running statistics that ``layers`` selects (all of
     them when None; modules, names as in ``named_modules()``, or a predicate), in
     ``model.named_modules()`` order."""
-    eligible = [(n, m) for n, m in model.named_modules() if has_running_stats(m)]
+    # (a zero-channel layer has nothing to recompute)
+    eligible = [(n, m) for n, m in model.named_modules()
+                if has_running_stats(m) and m.running_mean.numel() > 0]
     if layers is None:
         return eligible
     if callable(layers) and not isinstance(layers, nn.Module):
@@ -119,6 +121,8 @@ def select_layers(model: nn.Module, layers: LayerSelection) -> list[tuple[str, n
                 f"layers[{i}] ({names[id(m)]!r}, {type(m).__name__}) is not a BatchNorm layer "
                 "with running statistics"
             )
+        if m.running_mean.numel() == 0:
+            raise ValueError(f"layers[{i}] ({names[id(m)]!r}) has no channels")
     wanted = {id(m) for m in layers}
     return [(n, m) for n, m in eligible if id(m) in wanted]
 
@@ -266,6 +270,7 @@ class PassState:
         self.flat: Optional[FlatStats] = None
         self.buffers = [(m, name, b, _backup(b)) for m in model.modules()
                         for name, b in m._buffers.items() if _restorable(b)]
+        self.buffer_names = [(m, set(m._buffers)) for m in model.modules()]
         self.handles: list = []
 
     def enter(self, set_modes: bool) -> None:
@@ -342,6 +347,10 @@ class PassState:
                 m.__dict__.pop("accumulator", None)
             else:
                 m.accumulator = acc
+        for m, names in self.buffer_names:  # buffers a forward registered during the pass
+            for name in [n for n in m._buffers if n not in names]:
+                del m._buffers[name]
+                m._non_persistent_buffers_set.discard(name)
         with torch.no_grad():
             for m, name, b, saved in self.buffers:
                 if m._buffers.get(name) is not b:  # replaced, not written: the original back

@@ -194,7 +194,9 @@ def regroup(
     batches: Iterator[tuple[Any, int]], batch_size: Optional[int]
 ) -> Iterator[tuple[Any, int]]:
     """Regroup inputs into batches of exactly ``batch_size`` samples (views when one input
-    covers a batch, one ``torch.cat`` otherwise); the last batch holds the remainder."""
+    covers a batch, one ``torch.cat`` otherwise); the last batch holds the remainder. Samples
+    carried over to the next input are copied first: a source may refill its tensors in
+    place once it moves on."""
     if batch_size is None:
         yield from batches
         return
@@ -213,5 +215,7 @@ def regroup(
             if have == batch_size:
                 yield concat(parts), have
                 parts, have = [], 0
+        if parts:  # (only the last part can come from this input)
+            parts[-1] = map_tensors(lambda t: t.clone() if t.dim() else t, parts[-1])
     if have:
         yield concat(parts), have

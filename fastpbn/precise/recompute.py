@@ -102,8 +102,8 @@ def recompute_bn_stats(
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
             of them; 0-d tensors and other leaves ride along, taken from the first loader
             batch when batches are joined. A list of per-sample images is not a batch, and
-            one whose images share a shape cannot be told from one (it would be counted by
-            the images' dim 0): stack it in ``input_fn`` (a ragged one gets an error).
+            one whose images share their first dim cannot be told from one (it would be
+            counted by that dim): stack it in ``input_fn``.
         forward_fn: ``forward_fn(model, inputs)`` runs the model (a compiled model's
             original module); default ``model(inputs)``.
         device: where inputs go (non-blocking copies from pinned memory, overlapped with the
@@ -156,6 +156,10 @@ def recompute_bn_stats(
         forward_fn)
     root = layer_root(model)
     selected = select_layers(root, layers)
+    group, distributed = _resolve_group(process_group)
+    per_call = estimator == "batch_mean" or tol is not None
+    if distributed:
+        _check_ranks_agree(selected, estimator, per_call, group)
     if not selected:
         warnings.warn("recompute_bn_stats: the model has no BatchNorm layer with running "
                       "statistics (or none is selected); nothing to recompute", stacklevel=2)
@@ -163,8 +167,6 @@ def recompute_bn_stats(
     device = _resolve_device(device, selected)
     if cuda_graph and (device is None or device.type != "cuda"):
         raise ValueError(f"cuda_graph=True needs a CUDA device, got device={device}")
-    group, distributed = _resolve_group(process_group)
-    per_call = estimator == "batch_mean" or tol is not None
     accs = [LayerAccumulator(n, m.running_mean.numel(), m.running_mean.device, per_call)
             for n, m in selected]
     required = layers is not None  # else a layer that never runs is left as it is
@@ -365,7 +367,8 @@ def _check_args(model, data, num_samples, num_batches, batch_size, estimator, to
         counts.append(v)
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if tol is not None and not (isinstance(tol, (int, float)) and tol > 0):
+    if tol is not None and (isinstance(tol, bool) or not (isinstance(tol, (int, float))
+                                                           and tol > 0)):
         raise ValueError(f"tol must be a positive number or None, got {tol!r}")
     for name, fn in (("input_fn", input_fn), ("forward_fn", forward_fn)):
         if fn is not None and not callable(fn):
@@ -408,7 +411,38 @@ def _resolve_group(process_group):
             raise ValueError("process_group given but torch.distributed is not initialized")
     elif not (dist.is_available() and dist.is_initialized()):
         return None, False
-    return process_group, dist.get_world_size(process_group) > 1
+    world = dist.get_world_size(process_group)
+    if world < 1:  # (torch.distributed only warns; the pass would run on this rank's data)
+        raise ValueError("process_group: this process is not a member of it")
+    return process_group, world > 1
+
+
+def _check_ranks_agree(selected, estimator: str, per_call: bool, group) -> None:
+    """Every rank must recompute the same layers (names, channel counts, order) the same way:
+    the merges pair them up by position. One small all-gather before any data is read; every
+    rank raises together (a mismatch found later would hang a rank or merge the wrong
+    layers)."""
+    import zlib
+
+    import torch.distributed as dist
+
+    text = "\n".join(f"{n}:{m.running_mean.numel()}" for n, m in selected)
+    fingerprint = zlib.crc32(f"{text}\n{estimator}:{per_call}".encode())
+    if selected:
+        device = selected[0][1].running_mean.device
+    elif dist.get_backend(group) == "nccl":
+        device = torch.device("cuda", torch.cuda.current_device())
+    else:
+        device = torch.device("cpu")
+    local = torch.tensor([len(selected), fingerprint], dtype=torch.int64, device=device)
+    ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(ranks, local, group=group)
+    rows = [tuple(r.tolist()) for r in ranks]
+    if len(set(rows)) > 1:
+        raise ValueError("process_group: the ranks would recompute different BN layers (names, "
+                         "channel counts) or use different estimators; (layers, fingerprint) "
+                         f"per rank: {rows}. Every rank must pass the same model, layers= and "
+                         "estimator= / tol=")
 
 
 def _warn_small(n: int) -> None:
