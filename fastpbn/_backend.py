@@ -75,7 +75,8 @@ def _common_reasons(x: Tensor) -> list[str]:
 
 class TorchBackend(Backend):
     """Plain PyTorch: serves every device and dtype; the reference path on CPU. Besides the
-    five operations it answers ``native_train(x)`` and offers ``native_forward_train(...)``:
+    five operations it answers ``native_train(x, *params)`` and offers
+    ``native_forward_train(...)``:
     eager calls that would run PyTorch's own training kernel call it directly, with PyTorch's
     autograd (see ``ops``)."""
 

@@ -345,7 +345,8 @@ def forward_train(
     acc: Optional[tuple[Tensor, Tensor, Tensor]],
 ) -> tuple[Tensor, Tensor, Tensor]:
     factor = _momentum(momentum, num_batches_tracked) if running_mean is not None else 0.0
-    if acc is None and not _centred_ok(x):
+    if acc is None and not _centred_ok(x) and _native_takes(x, weight, bias, running_mean,
+                                                            running_var):
         y, save_mean, save_invstd = _native_batch_norm(
             x, weight, bias, running_mean, running_var, True, factor, eps
         )
@@ -380,11 +381,27 @@ def _update_running_(buf: Tensor, batch: Tensor, factor: float) -> None:
 NATIVE_EAGER_MAX_NUMEL = 1 << 18
 
 
-def native_train(x: Tensor) -> bool:
+def native_train(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+                 running_mean: Optional[Tensor] = None,
+                 running_var: Optional[Tensor] = None) -> bool:
     """Whether an eager training call without an accumulator should be PyTorch's own kernel and
     autograd (:func:`native_forward_train`): where :func:`forward_train` would run that kernel
-    anyway, and where the centred path saves less than a Python autograd node costs."""
-    return x.numel() < NATIVE_EAGER_MAX_NUMEL or not _centred_ok(x)
+    anyway (it takes the per-channel tensors' dtypes), and where the centred path saves less
+    than a Python autograd node costs."""
+    return _native_takes(x, weight, bias, running_mean, running_var) and (
+        x.numel() < NATIVE_EAGER_MAX_NUMEL or not _centred_ok(x))
+
+
+def _native_takes(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                  running_mean: Optional[Tensor], running_var: Optional[Tensor]) -> bool:
+    """Whether PyTorch's training kernel takes the per-channel tensors' dtypes: its CUDA kernel
+    every mix fastpbn accepts, its CPU kernel one dtype for all (bfloat16 parameters with
+    float32 running statistics, which FSDP's mixed precision leaves, go to the centred path
+    there). Weight and bias share a dtype, and so do the running statistics (fastpbn.ops
+    checked)."""
+    params = weight if weight is not None else bias
+    stats = running_mean if running_mean is not None else running_var
+    return params is None or stats is None or params.dtype == stats.dtype or x.is_cuda
 
 
 def native_forward_train(

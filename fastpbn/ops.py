@@ -207,12 +207,25 @@ def batch_norm_train(
     if stock_only and accumulator is not None:
         raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
                            "torch.jit.trace, torch.func transforms or forward-mode AD")
+    native = handed_off or stock_only or (
+        backend is not None and accumulator is None and backend.name == "torch"
+        and backend.native_train(input, weight, bias, running_mean, running_var))
+    grad = not native and _needs_autograd(input, weight, bias)
+    if grad and backend is not None:
+        # autograd refuses to save an inference tensor only after the forward ran, which
+        # would have updated the running statistics and the accumulator (stock's kernel
+        # checks first)
+        for name, t in (("input", input), ("weight", weight)):
+            if t is not None and t.is_inference():
+                raise RuntimeError(f"{name} is an inference tensor (made under "
+                                   "torch.inference_mode), which autograd cannot save for "
+                                   "backward; clone it outside inference mode, or call under "
+                                   "torch.no_grad() (nothing was updated)")
     if num_batches_tracked is not None:  # the call is accepted: count it, as stock does
         num_batches_tracked.add_(1)
-    if handed_off or stock_only or (backend is not None and accumulator is None
-                                    and backend.name == "torch" and backend.native_train(input)):
+    if native:
         return _torch_ops.native_forward_train(*args[:8])
-    if _needs_autograd(input, weight, bias):
+    if grad:
         return _function.BatchNormTrain.apply(*args, backend)[0]
     return _function.batch_norm_train_no_grad(*args, backend=backend)[0]
 

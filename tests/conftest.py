@@ -66,7 +66,7 @@ def backend(request, monkeypatch):
     from fastpbn import _torch_ops
 
     if request.param == "torch-own":
-        monkeypatch.setattr(_torch_ops, "native_train", lambda x: False)
+        monkeypatch.setattr(_torch_ops, "native_train", lambda x, *params: False)
     fastpbn.set_backend(request.param.split("-")[0])
     return request.param
 

@@ -811,23 +811,22 @@ def test_bfloat16_parameters_with_float32_running_stats(backend):
     backward of an NCHW input refuses it (the weight's dtype makes the call not "mixed", and
     the fused backward then wants bfloat16 running statistics: "Expected running_mean to have
     type BFloat16", torch 2.11).
-    fastpbn's own kernels take it, and where PyTorch's kernel serves the call its verdict
-    stands: with the "torch" backend PyTorch serves forward and backward of this small call,
-    with "torch-own" the forward only (fastpbn's backward passes a float32 weight)."""
+    fastpbn's own kernels take it; so does the torch backend on the CPU (its centred path: the
+    mix no longer reaches PyTorch's CPU kernel, which refused it after the call was counted).
+    On CUDA the torch backend runs PyTorch's kernel, whose backward verdict stands."""
     torch.manual_seed(5)
     stock, ours = make_pair(2, 3)
     for m in (stock, ours):
         m.weight.data, m.bias.data = m.weight.data.bfloat16(), m.bias.data.bfloat16()
     x = shifted(4, 3, 5, 5).bfloat16()
-    forward_ok = backward_ok = False
+    backward_ok = False
     try:
         ys = stock(x.clone().requires_grad_())
-        forward_ok = True
         ys.float().sum().backward()
         backward_ok = True
     except RuntimeError:
         pass
-    refuses = {"torch": not backward_ok, "torch-own": not forward_ok}.get(backend, False)
+    refuses = backend == "torch" and x.is_cuda and not backward_ok
     if refuses:
         with pytest.raises(RuntimeError):
             ours(x.clone().requires_grad_()).float().sum().backward()
@@ -869,3 +868,47 @@ def test_quantized_input_names_revert_model():
     stock(torch.randn(4, 3, 8, 8))
     tq.convert(stock, inplace=True)
     assert stock(torch.randn(4, 3, 8, 8)).dtype == torch.float32
+
+
+def test_inference_tensor_input_is_refused_before_anything_is_updated():
+    """Autograd refuses to save an inference tensor only after the forward ran: fastpbn's own
+    path (an accumulator, or a large input) had updated the running statistics and the
+    accumulator by then. Now the call is refused first, naming the input."""
+    with torch.inference_mode():
+        x = torch.randn(4, 3, 5, 5) + 3
+    layer = fastpbn.FastPreciseBN2d(3)
+    layer.accumulator = fastpbn.WelfordState(3)
+    with pytest.raises(RuntimeError, match="input is an inference tensor"):
+        layer(x)
+    assert (layer.running_mean == 0).all() and layer.accumulator.count.sum() == 0
+    assert int(layer.num_batches_tracked) == 0
+    with torch.no_grad():  # nothing to save: fine
+        layer(x)
+    assert layer.accumulator.count[0] == 100
+
+
+@pytest.mark.parametrize("weight_dtype, stats_dtype", [(torch.bfloat16, torch.float32),
+                                                       (torch.float32, torch.bfloat16)])
+def test_mixed_parameter_dtypes_on_cpu(weight_dtype, stats_dtype):
+    """Mixes that PyTorch's CUDA rule allows (bf16 parameters with float32 running statistics,
+    as FSDP's mixed precision leaves them) were accepted, counted, then refused by PyTorch's
+    CPU kernel; they run fastpbn's own path there now, matching stock with float32
+    parameters."""
+    torch.manual_seed(5)
+    fast, stock = fastpbn.FastPreciseBN2d(3), nn.BatchNorm2d(3)
+    with torch.no_grad():
+        fast.weight.uniform_(0.5, 2)
+        fast.bias.uniform_(-1, 1)
+    fast.weight.data, fast.bias.data = (p.data.to(weight_dtype) for p in (fast.weight, fast.bias))
+    stock.weight.data, stock.bias.data = (p.data.float() for p in (fast.weight, fast.bias))
+    fast.running_mean, fast.running_var = (b.to(stats_dtype) for b in (fast.running_mean,
+                                                                       fast.running_var))
+    x = (torch.randn(4, 3, 5, 5) * 2 + 3).bfloat16()
+    xf, xs = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yf, ys = fast(xf), stock(xs)
+    assert torch.equal(yf, ys)
+    g = torch.randn_like(yf)
+    yf.backward(g), ys.backward(g)
+    assert torch.equal(xf.grad, xs.grad)
+    torch.testing.assert_close(fast.running_mean.float(), stock.running_mean, rtol=1e-2, atol=1e-3)
+    assert int(fast.num_batches_tracked) == 1
