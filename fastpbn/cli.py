@@ -10,6 +10,13 @@ import sys
 from typing import Optional
 
 
+def _requested(requested_backend) -> str:
+    try:
+        return requested_backend()
+    except ValueError as e:  # a bad FASTPBN_BACKEND: what info is for
+        return f"invalid: {e}"
+
+
 def info() -> int:
     """Print versions, the device, and which backend serves which case."""
     import torch
@@ -38,7 +45,7 @@ def info() -> int:
         ("device", torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu only"),
         ("FASTPBN_BACKEND", os.environ.get("FASTPBN_BACKEND", "auto (unset)")),
         ("TRITON_INTERPRET", os.environ.get("TRITON_INTERPRET", "0 (unset)")),
-        ("requested backend", requested_backend()),
+        ("requested backend", _requested(requested_backend)),
     ]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:

@@ -1,5 +1,6 @@
 """Backend dispatch: env knob read at call time, explicit backends never fall back silently."""
 
+import os
 import subprocess
 import sys
 
@@ -65,6 +66,11 @@ def test_info_cli():
     ).stdout
     assert torch.__version__ in out
     assert "<- auto" in out and "torch" in out and "triton" in out and "cuda" in out
+    # a bad FASTPBN_BACKEND is what info is for: reported, not a traceback
+    env = dict(os.environ, FASTPBN_BACKEND="bogus")
+    out = subprocess.run([sys.executable, "-m", "fastpbn", "info"], capture_output=True,
+                         text=True, check=True, env=env).stdout
+    assert "requested backend  invalid: FASTPBN_BACKEND='bogus'" in out
 
 
 def test_triton_installation_is_looked_up_once(monkeypatch):

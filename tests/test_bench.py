@@ -269,7 +269,7 @@ def test_cli_tiny_end_to_end(tmp_path, device):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
-def test_cli_rejects_bad_arguments(tmp_path):
+def test_cli_rejects_bad_arguments(tmp_path, monkeypatch):
     with pytest.raises(SystemExit):
         main(["--quick", "--tiny"])
     with pytest.raises(SystemExit):
@@ -281,6 +281,12 @@ def test_cli_rejects_bad_arguments(tmp_path):
         main(["--tiny", "--out", str(tmp_path / "afile"), "--no-progress"])
     with pytest.raises(SystemExit, match="--threads"):
         main(["--tiny", "--out", str(tmp_path / "b"), "--threads", "0", "--no-progress"])
+    for budget in ("-1", "nan"):  # (ran every recompute case and skipped every kernel one)
+        with pytest.raises(SystemExit, match="--budget must be a positive number"):
+            main(["--tiny", "--out", str(tmp_path / "b"), "--budget", budget, "--no-progress"])
+    monkeypatch.setenv("FASTPBN_BACKEND", "bogus")  # (failed in every case, then exit 1)
+    with pytest.raises(SystemExit, match="FASTPBN_BACKEND='bogus'"):
+        main(["--tiny", "--out", str(tmp_path / "b"), "--no-progress"])
     assert not (tmp_path / "b").exists()  # nothing created for rejected arguments
 
 

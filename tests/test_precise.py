@@ -1694,3 +1694,31 @@ def test_buffers_registered_during_the_pass_and_zero_channel_layers():
     assert set(model.state_dict()) == keys
     with pytest.raises(ValueError, match="'empty'.* has no channels"):
         recompute_bn_stats(model, [shifted(8, 3, 4, 4)], layers=["empty"])
+
+
+class _Narrowing(nn.Module):
+    """Feeds its second BN layer one channel too few."""
+
+    def __init__(self, bn, dtype):
+        super().__init__()
+        self.a, self.b = bn(4).to(dtype), bn(4).to(dtype)
+
+    def forward(self, x):
+        return self.b(self.a(x)[:, :3])
+
+
+@pytest.mark.parametrize("bn, dtype", [(nn.BatchNorm2d, torch.float32),  # CPU fast path
+                                       (FastPreciseBN2d, torch.float64),  # FastPreciseBN's
+                                       (_ScaledStockBN, torch.float32)])  # its own, measured
+def test_errors_inside_a_pass_name_the_layer(bn, dtype):
+    """A layer's own check (channels, dims, one value per channel) failing inside a pass
+    says which layer, on every path a layer can take; the model is unchanged."""
+    model = _Narrowing(bn, dtype)
+    snap = snapshot(model)
+    x = shifted(4, 4, 3, 3).to(dtype)
+    with pytest.raises((RuntimeError, ValueError),
+                       match=r"^BN layer 'b': .*(should contain 3|shape \(N, 4)"):
+        recompute_bn_stats(model, [x])
+    with pytest.raises(ValueError, match="^BN layer 'a': expected 4D input"):
+        update_bn_stats(model, [x[:, :, 0, 0]], num_iters=1)
+    assert_unchanged(model, snap)

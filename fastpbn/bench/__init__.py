@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import math
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from .._backend import requested_backend
 from . import batchnorm, recompute, report
 from .timing import copy_bandwidth, device_name, device_slug
 
@@ -99,6 +101,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         raise SystemExit(f"--device must be cpu or cuda, got {args.device!r}")
     if args.threads is not None and args.threads < 1:
         raise SystemExit(f"--threads must be >= 1, got {args.threads}")
+    if args.budget is not None and not (math.isfinite(args.budget) and args.budget > 0):
+        raise SystemExit(f"--budget must be a positive number of seconds, got {args.budget}")
+    try:
+        requested_backend()  # a bad FASTPBN_BACKEND fails here, not in every case
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
     out_dir = args.out or os.path.join("bench", "results", device_slug(device))
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -28,7 +28,7 @@ PyTorch calls them on its hook-free fast path.
 from __future__ import annotations
 
 import types
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 import torch.nn.functional as F
@@ -76,11 +76,14 @@ class FlatStats:
         def forward(module, input: Tensor) -> Tensor:  # the name stock forward takes
             x = input
             tracker.called(track)
-            module._check_input_dim(x)
-            if x.shape[1] != module.num_features:
-                raise RuntimeError(f"running_mean should contain {x.shape[1]} elements not "
-                                   f"{module.num_features}")
-            _verify_batch_size(x)
+            try:
+                module._check_input_dim(x)
+                if x.shape[1] != module.num_features:
+                    raise RuntimeError(f"running_mean should contain {x.shape[1]} elements "
+                                       f"not {module.num_features}")
+                _verify_batch_size(x)
+            except (ValueError, RuntimeError) as e:
+                raise_named(e, name)
             if x.numel() == 0:  # an empty batch (a head with no proposals): no values to add
                 return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0,
                                     module.eps)
@@ -129,3 +132,12 @@ def _bind(states: list[WelfordState], flat: Tensor, sizes: list[int]) -> None:
     """Make each state's (count, mean, m2) views of its slot in the flat (3, total) rows."""
     for state, count, mean, m2 in zip(states, *(row.split(sizes) for row in flat)):
         state.count, state.mean, state.m2 = count, mean, m2
+
+
+def raise_named(e: Exception, name: str) -> NoReturn:
+    """Raise ``e`` (being handled) as the same built-in exception with the layer's name in
+    front, so that a pass's errors say which BN layer raised; other exception types, and
+    errors that name a layer already, as they are."""
+    if type(e) not in (ValueError, RuntimeError, TypeError) or str(e).startswith("BN layer"):
+        raise e
+    raise type(e)(f"BN layer {name!r}: {e}") from e

@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from .._torch_ops import chan_merge_
 from ..modules import FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d
 from ..stats import WelfordState
-from ._batched import FlatStats
+from ._batched import FlatStats, raise_named
 
 FAST_TYPES = (FastPreciseBN1d, FastPreciseBN2d, FastPreciseBN3d)
 # stock layers that borrow FastPreciseBN's forward for the pass: one statistics pass then serves
@@ -305,7 +305,7 @@ class PassState:
             if fast:
                 m.accumulator = acc.target
             if exact:  # stock layers borrow FastPreciseBN's forward; it counts the call too
-                m.forward = _counting_forward(m, i, acc, tracker)
+                m.forward = _counting_forward(m, i, name, acc, tracker)
             elif not fast:  # other stock layers: their own forward, measured
                 m.forward = _measuring_forward(m, i, name, acc, tracker)
             else:  # FastPreciseBN subclasses and wrapped layers: their accumulator, and the
@@ -393,7 +393,8 @@ def _cpu_backend_is_torch() -> bool:
         return False
 
 
-def _counting_forward(layer: nn.Module, i: int, acc: LayerAccumulator, tracker: CallTracker):
+def _counting_forward(layer: nn.Module, i: int, name: str, acc: LayerAccumulator,
+                      tracker: CallTracker):
     """The pass's ``forward`` for an exact stock or FastPreciseBN layer off the CPU fast path
     (GPU layers, and CPU layers that path does not serve): ``FastPreciseBN.forward``, which
     merges the batch into ``layer.accumulator`` inside its statistics kernel, plus what module
@@ -406,7 +407,10 @@ def _counting_forward(layer: nn.Module, i: int, acc: LayerAccumulator, tracker: 
 
     def forward(module, input: Tensor) -> Tensor:  # the name stock forward takes
         tracker.called(i)
-        y = normalize(module, input)
+        try:
+            y = normalize(module, input)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise_named(e, name)
         if fold is not None:
             fold()
         return y
@@ -456,8 +460,11 @@ def _measuring_forward(layer: nn.Module, i: int, name: str, acc: LayerAccumulato
 
     def forward(*args, **kwargs):
         calls = _BatchNormCalls(layer.weight, feed)
-        with calls:
-            y = run(*args, **kwargs)
+        try:
+            with calls:
+                y = run(*args, **kwargs)
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise_named(e, name)
         if not calls.fed:
             feed(args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None)))
         tracker.called(i)
