@@ -49,19 +49,25 @@ def _mismatched_worker(rank, world, init_file, out_file):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                             world_size=world)
     try:
-        state = WelfordState(4 + rank).update(torch.randn(3, 4 + rank, 2))
-        before = state.clone()
-        try:
-            state.all_reduce()
-            outcome = "returned"
-        except ValueError as e:
-            outcome = str(e)
-        unchanged = all(torch.equal(getattr(state, k), getattr(before, k))
-                        for k in ("count", "mean", "m2"))
-        with open(f"{out_file}.{rank}", "w") as f:
-            f.write(f"{unchanged}\n{outcome}")
+        _report_all_reduce(WelfordState(4 + rank).update(torch.randn(3, 4 + rank, 2)), None,
+                           f"{out_file}.{rank}")
     finally:
         gloo.destroy_process_group()
+
+
+def _report_all_reduce(state, group, path):
+    """Writes to ``path`` whether ``state.all_reduce(group)`` left the state unchanged and what
+    it raised ("returned" when it did not)."""
+    before = state.clone()
+    try:
+        state.all_reduce(group)
+        outcome = "returned"
+    except ValueError as e:
+        outcome = str(e)
+    unchanged = all(torch.equal(getattr(state, k), getattr(before, k))
+                    for k in ("count", "mean", "m2"))
+    with open(path, "w") as f:
+        f.write(f"{unchanged}\n{outcome}")
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -80,16 +86,8 @@ def _outsider_worker(rank, world, init_file, out_file):
                             world_size=world)
     try:
         group = dist.new_group([0, 1])
-        state = WelfordState(2).update(torch.randn(5, 2) + rank)
-        before = state.clone()
-        try:
-            state.all_reduce(group)
-            outcome = "returned"
-        except ValueError as e:
-            outcome = str(e)
-        kept = torch.equal(state.count, before.count) and torch.equal(state.mean, before.mean)
-        with open(f"{out_file}.{rank}", "w") as f:
-            f.write(f"{kept}\n{outcome}")
+        _report_all_reduce(WelfordState(2).update(torch.randn(5, 2) + rank), group,
+                           f"{out_file}.{rank}")
     finally:
         gloo.destroy_process_group()
 

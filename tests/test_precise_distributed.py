@@ -31,30 +31,13 @@ def buffers(model):
     return {k: v.clone() for k, v in model.state_dict().items() if "running" in k}
 
 
-def _worker(rank, init_file, out_dir):
+def _rank(rank, body, init_file, out_dir):
+    """One spawned rank: joins the gloo group, saves what ``body(rank)`` returns as
+    rank{rank}.pt; a failure leaves its traceback in error{rank}.txt."""
     try:
         dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
                                 world_size=WORLD, timeout=timedelta(seconds=60))
-        model, data = model_and_data()
-        results = {}
-        for name, kw in [("population", {}), ("batch_mean", {"estimator": "batch_mean"}),
-                         ("tol_unmet", {"tol": 1e-9, "tol_every": 2}),  # ranks run out apart
-                         ("tol_met", {"tol": 0.5, "tol_every": 2})]:
-            m = SmallCNN(width=4)
-            m.load_state_dict(model.state_dict())
-            s = recompute_bn_stats(m, data[rank], **kw)
-            results[name] = (buffers(m), s.num_samples, s.num_batches, s.converged)
-        try:  # rank 0 is short of num_samples: every rank must raise, none may hang
-            recompute_bn_stats(model, data[rank], num_samples=200)
-            results["short"] = None
-        except ValueError as e:
-            results["short"] = str(e)
-        try:  # rank 1 has no data: every rank must raise, naming it
-            recompute_bn_stats(model, data[rank] if rank == 0 else [])
-            results["empty"] = None
-        except ValueError as e:
-            results["empty"] = str(e)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(body(rank), os.path.join(out_dir, f"rank{rank}.pt"))
         gloo.destroy_process_group()
     except BaseException:
         with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
@@ -62,13 +45,45 @@ def _worker(rank, init_file, out_dir):
         raise
 
 
-def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
+def run_ranks(body, tmp_path) -> list:
+    """``body`` (a module-level function of the rank) run on WORLD gloo ranks: their results,
+    in rank order (a rank's error fails the test with its traceback)."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
-    gloo.spawn(_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
+    gloo.spawn(_rank, (body, str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
     for r in range(WORLD):
         assert not (tmp_path / f"error{r}.txt").exists(), (tmp_path / f"error{r}.txt").read_text()
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def outcome(fn, *args, **kwargs):
+    """None when ``fn`` returns, the message of the ValueError it raises otherwise."""
+    try:
+        fn(*args, **kwargs)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+def _union_body(rank):
+    model, data = model_and_data()
+    results = {}
+    for name, kw in [("population", {}), ("batch_mean", {"estimator": "batch_mean"}),
+                     ("tol_unmet", {"tol": 1e-9, "tol_every": 2}),  # ranks run out apart
+                     ("tol_met", {"tol": 0.5, "tol_every": 2})]:
+        m = SmallCNN(width=4)
+        m.load_state_dict(model.state_dict())
+        s = recompute_bn_stats(m, data[rank], **kw)
+        results[name] = (buffers(m), s.num_samples, s.num_batches, s.converged)
+    # rank 0 is short of num_samples: every rank must raise, none may hang
+    results["short"] = outcome(recompute_bn_stats, model, data[rank], num_samples=200)
+    # rank 1 has no data: every rank must raise, naming it
+    results["empty"] = outcome(recompute_bn_stats, model, data[rank] if rank == 0 else [])
+    return results
+
+
+def test_two_gloo_ranks_equal_one_process_over_the_union(tmp_path):
+    res = run_ranks(_union_body, tmp_path)
 
     model, data = model_and_data()
     union = data[0] + data[1]
@@ -106,32 +121,19 @@ def sync_model():
                                torch.nn.Conv2d(3, 2, 1), torch.nn.BatchNorm2d(2))
 
 
-def _fvcore_worker(rank, init_file, out_dir):
+def _fvcore_body(rank):
     from fastpbn.precise import update_bn_stats
 
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=WORLD, timeout=timedelta(seconds=60))
-        _, data = model_and_data()
-        model = sync_model().train()
-        update_bn_stats(model, data[rank], num_iters=3)
-        torch.save(buffers(model), os.path.join(out_dir, f"rank{rank}.pt"))
-        gloo.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+    _, data = model_and_data()
+    model = sync_model().train()
+    update_bn_stats(model, data[rank], num_iters=3)
+    return buffers(model)
 
 
 def test_update_bn_stats_merges_sync_batchnorm_over_the_ranks(tmp_path):
     """fvcore's update_bn_stats reads SyncBatchNorm's synchronized statistics: the layer ends
     with the pooled statistics of every rank's data; a plain BatchNorm2d keeps its own rank's."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    gloo.spawn(_fvcore_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
-    for r in range(WORLD):
-        assert not (tmp_path / f"error{r}.txt").exists(), (tmp_path / f"error{r}.txt").read_text()
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    res = run_ranks(_fvcore_body, tmp_path)
     _, data = model_and_data()
     model = sync_model().double()
     with torch.no_grad():
@@ -147,33 +149,19 @@ def test_update_bn_stats_merges_sync_batchnorm_over_the_ranks(tmp_path):
     assert not torch.equal(res[0]["4.running_mean"], res[1]["4.running_mean"])
 
 
-def _mismatch_worker(rank, init_file, out_dir):
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
-                                world_size=WORLD, timeout=timedelta(seconds=60))
-        model, data = model_and_data()
-        names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
-        results = {}
-        for case, kw in [("layers", {"layers": [names[rank]]}),  # same width, other layer
-                         ("estimator", {"estimator": ("population", "batch_mean")[rank]})]:
-            try:
-                recompute_bn_stats(model, data[rank], **kw)
-                results[case] = None
-            except ValueError as e:
-                results[case] = str(e)
-        results["buffers"] = buffers(model)
-        alone = dist.new_group([0])
-        try:
-            recompute_bn_stats(model, data[rank], process_group=alone)
-            results["outsider"] = None
-        except ValueError as e:
-            results["outsider"] = str(e)
-        torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        gloo.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(out_dir, f"error{rank}.txt"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+def _mismatch_body(rank):
+    model, data = model_and_data()
+    names = [n for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    results = {
+        "layers": outcome(recompute_bn_stats, model, data[rank],  # same width, other layer
+                          layers=[names[rank]]),
+        "estimator": outcome(recompute_bn_stats, model, data[rank],
+                             estimator=("population", "batch_mean")[rank]),
+        "buffers": buffers(model),
+    }
+    results["outsider"] = outcome(recompute_bn_stats, model, data[rank],
+                                  process_group=dist.new_group([0]))
+    return results
 
 
 def test_ranks_that_would_merge_different_layers_all_raise(tmp_path):
@@ -181,12 +169,7 @@ def test_ranks_that_would_merge_different_layers_all_raise(tmp_path):
     the wrong layers without a word or failed on one rank only (the merges pair layers by
     position); now every rank raises before reading data, model unchanged. A process outside
     process_group raises instead of running on its own data."""
-    if not dist.is_available():
-        pytest.skip("torch.distributed is not available")
-    gloo.spawn(_mismatch_worker, (str(tmp_path / "init"), str(tmp_path)), nprocs=WORLD)
-    for r in range(WORLD):
-        assert not (tmp_path / f"error{r}.txt").exists(), (tmp_path / f"error{r}.txt").read_text()
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    res = run_ranks(_mismatch_body, tmp_path)
     model, _ = model_and_data()
     for r in range(WORLD):
         for case in ("layers", "estimator"):

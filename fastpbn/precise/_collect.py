@@ -185,13 +185,19 @@ class LayerAccumulator:
         return self.total.mean, self.total.var(unbiased=unbiased), self.total.count
 
 
-def _gather_sum(t: Tensor, group) -> Tensor:
-    """Sum over ranks in rank order: bitwise the same on every rank (an all_reduce need not
-    be)."""
+def gather(t: Tensor, group) -> list[Tensor]:
+    """``t`` from every rank of ``group``, in rank order."""
     import torch.distributed as dist
 
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+def _gather_sum(t: Tensor, group) -> Tensor:
+    """Sum over ranks in rank order: bitwise the same on every rank (an all_reduce need not
+    be)."""
+    parts = gather(t, group)
     out = parts[0].clone()
     for p in parts[1:]:
         out.add_(p)

@@ -22,6 +22,7 @@ from ._collect import (
     LayerSelection,
     PassState,
     eager_stance,
+    gather,
     layer_root,
     select_layers,
 )
@@ -285,10 +286,7 @@ def _check_run(run, feed, accs, num_samples, num_batches, tol, group, distribute
     )
     ranks = [local]
     if distributed:
-        import torch.distributed as dist
-
-        ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(ranks, local, group=group)
+        ranks = gather(local, group)
     rows = [r.tolist() for r in ranks]
     where = lambda r: f" on rank {r}" if distributed else ""  # noqa: E731
     for r, (_, b, short, pulled) in enumerate(rows):
@@ -435,9 +433,7 @@ def _check_ranks_agree(selected, estimator: str, per_call: bool, group) -> None:
     else:
         device = torch.device("cpu")
     local = torch.tensor([len(selected), fingerprint], dtype=torch.int64, device=device)
-    ranks = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(ranks, local, group=group)
-    rows = [tuple(r.tolist()) for r in ranks]
+    rows = [tuple(r.tolist()) for r in gather(local, group)]
     if len(set(rows)) > 1:
         raise ValueError("process_group: the ranks would recompute different BN layers (names, "
                          "channel counts) or use different estimators; (layers, fingerprint) "
