@@ -1298,6 +1298,48 @@ def test_stock_subclasses_measured_where_they_normalize(cls):
     assert type(model[1]) is cls and "forward" not in vars(model[1])
 
 
+class _Doubled(nn.BatchNorm2d):
+    def forward(self, x):
+        return super().forward(x * 2)
+
+
+class _NestedNoWeight(nn.BatchNorm2d):
+    """Without a weight, normalizes 3 x what a child layer (also without one) made of x."""
+
+    def __init__(self, c):
+        super().__init__(c, affine=False)
+        self.inner = _Doubled(c, affine=False)
+
+    def forward(self, x):
+        return super().forward(self.inner(x) * 3)
+
+
+@pytest.mark.parametrize("select_inner", [False, True])
+def test_layer_without_weight_measures_only_its_own_call(select_inner):
+    """A measured layer without a weight takes only its own batch-norm call, not that of a
+    child without one: an unselected child (eval mode, running statistics) or a selected,
+    measured one (which takes its own)."""
+    torch.manual_seed(45)
+    model = nn.Sequential(nn.Conv2d(2, 4, 1), _NestedNoWeight(4))
+    batches = [shifted(8, 2, 5, 5) for _ in range(3)]
+    names = ["1", "1.inner"] if select_inner else ["1"]
+    stats = recompute_bn_stats(model, batches, layers=names, apply=False)
+    with torch.no_grad():
+        h = torch.cat([model[0](b) for b in batches]).double() * 2
+        inner = h.transpose(0, 1).reshape(4, -1)
+        if select_inner:  # the child normalizes each batch by its own statistics
+            h = torch.cat([nn.functional.batch_norm(c, None, None, training=True, eps=1e-5)
+                           for c in h.split(8)])
+        else:  # by its running statistics, still 0 and 1
+            h = h / (1 + 1e-5) ** 0.5
+    seen = (h * 3).transpose(0, 1).reshape(4, -1)
+    torch.testing.assert_close(stats["1"].mean, seen.mean(1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(stats["1"].var, seen.var(1), rtol=1e-5, atol=1e-6)
+    if select_inner:
+        torch.testing.assert_close(stats["1.inner"].mean, inner.mean(1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(stats["1.inner"].var, inner.var(1), rtol=1e-5, atol=1e-5)
+
+
 class _KeywordCall(nn.Module):
     def __init__(self, bn):
         super().__init__()

@@ -13,14 +13,16 @@ and layers whose ``forward`` was replaced on the instance (a wrapper), keep thei
 ``forward`` (only the other exact stock and FastPreciseBN layers get the pass's fast
 forwards): a FastPreciseBN layer among them accumulates whatever ``FastPreciseBN.forward``
 normalizes; any other layer (a stock subclass, ``nn.SyncBatchNorm``, a stock layer whose
-``forward`` a wrapper replaced) on the input of the batch-norm call its ``forward`` makes with
-the layer's weight (``F.batch_norm`` or ``torch.batch_norm``, seen by a ``TorchFunctionMode``
-that is active only while that ``forward`` runs), or at its input where it makes none.
+``forward`` a wrapper replaced) on the input of the batch-norm call by batch statistics that
+its ``forward`` makes with the layer's weight (``F.batch_norm`` or ``torch.batch_norm``, seen by
+a ``TorchFunctionMode`` that is active only while that ``forward`` runs), or at its input
+where it makes none.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
 import types
 from typing import Callable, Optional, Sequence, Union
 
@@ -479,25 +481,40 @@ def _measuring_forward(layer: nn.Module, i: int, name: str, acc: LayerAccumulato
     return forward
 
 
-# the batch-norm functions a stock forward calls, and where their weight argument is
-_WEIGHT_SLOT = {F.batch_norm: 3, torch.batch_norm: 1}
+# the batch-norm functions a stock forward calls, and where their weight and training arguments are
+_SLOTS = {F.batch_norm: (3, 5), torch.batch_norm: (1, 5)}
 
 
 class _BatchNormCalls(TorchFunctionMode):
     """Active while one measured layer's ``forward`` runs: feeds the input of each batch-norm
-    call made with that layer's weight (any call, for a layer without one); every other call
-    passes through untouched (to an enclosing layer's mode, when layers nest)."""
+    call by batch statistics (``training=True``) made with that layer's weight; for a layer
+    without one, each such call made with no weight while no measured layer nested in this one
+    runs (an unselected child, in eval mode, normalizes by its running statistics). Every other
+    call passes through untouched (to an enclosing layer's mode, when layers nest)."""
+
+    _active = threading.local()  # the measured layers' modes now active in this thread
 
     def __init__(self, weight: Optional[Tensor], feed: Callable[[Tensor], None]):
         super().__init__()
         self.weight, self.feed, self.fed = weight, feed, False
 
+    def __enter__(self):
+        self._active.__dict__.setdefault("stack", []).append(self)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self._active.stack.pop()
+        return super().__exit__(*exc)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        slot = _WEIGHT_SLOT.get(func)
-        if slot is not None:
-            weight = args[slot] if len(args) > slot else kwargs.get("weight")
-            if weight is self.weight:
+        slots = _SLOTS.get(func)
+        if slots is not None:
+            w, t = slots
+            weight = args[w] if len(args) > w else kwargs.get("weight")
+            training = args[t] if len(args) > t else kwargs.get("training", False)
+            if training and weight is self.weight and (
+                    weight is not None or self._active.stack[-1] is self):
                 self.fed = True
                 self.feed(args[0] if args else kwargs["input"])
         return func(*args, **kwargs)
