@@ -18,6 +18,7 @@ from torch import Tensor
 
 from ._backend import get_backend
 from ._scratch import output_like, stats_dtype
+from ._torch_ops import _in_output_layout
 
 
 def through_ops() -> bool:
@@ -206,6 +207,16 @@ class BatchNormEval(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, running_mean, running_var = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # backward(create_graph=True): PyTorch's eval backward, with its derivatives;
+            # without a weight, dx depends on nothing that requires grad, yet stock's has a
+            # graph (zero second-order gradients), which a gradient penalty may differentiate
+            mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+                    ctx.needs_input_grad[2]]
+            dx, dw, db = torch.ops.aten.native_batch_norm_backward(
+                grad_y, x, weight, running_mean, running_var, None, None, False, ctx.eps, mask)
+            return (_in_output_layout(dx, x) if mask[0] else None, dw if mask[1] else None,
+                    db if mask[2] else None, None, None, None, None)
         work = stats_dtype(x)
         invstd = torch.rsqrt(running_var.to(work) + ctx.eps)
         grads = _grads(ctx, grad_y, x, weight, running_mean.to(work), invstd, False)

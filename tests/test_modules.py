@@ -615,10 +615,12 @@ def test_torch_func_transforms_and_forward_ad(backend):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_double_backward(backend, train):
+@pytest.mark.parametrize("affine", [True, False])
+def test_double_backward(backend, train, affine):
     """backward(create_graph=True) (a gradient penalty): the second-order gradients equal
-    stock's, on every backend."""
-    stock, ours = make_pair(2, 8)
+    stock's, on every backend; without a weight too, where in eval dx depends on nothing that
+    requires grad (stock's still has a graph, with zero derivatives)."""
+    stock, ours = make_pair(2, 8, affine=affine)
     stock.train(train), ours.train(train)
     x = shifted(*_served_shape(backend), mean=1.0, std=2.0)
     v = torch.randn_like(x)
@@ -627,7 +629,8 @@ def test_double_backward(backend, train):
         xx = x.clone().requires_grad_()
         (gx,) = torch.autograd.grad((m(xx) * v).sum(), xx, create_graph=True)
         # in eval dx does not depend on x: its second-order gradient is None, as stock's
-        grads.append(torch.autograd.grad(gx.square().sum(), (xx, m.weight), allow_unused=True))
+        wrt = (xx, m.weight) if affine else (xx,)
+        grads.append(torch.autograd.grad(gx.square().sum(), wrt, allow_unused=True))
     for i, (a, b) in enumerate(zip(*grads)):
         assert (a is None) == (b is None), i
         if a is not None:
