@@ -2,7 +2,7 @@
 
 Same constructor, state_dict keys and behaviour in every mode; the arithmetic runs on fastpbn's
 backends (under ``auto``, eager CUDA calls that its kernels would slow down run PyTorch's
-kernel: ``fastpbn.ops.STOCK_EAGER_ON_CUDA``). Three differences a user can rely on:
+kernel: ``fastpbn.ops.STOCK_EAGER_ON_CUDA``). Four differences a user can rely on:
 
 * with ``momentum=None`` the cumulative factor ``1/num_batches_tracked`` is read on the device
   by the Triton and CUDA backends (stock BatchNorm, and the torch backend, read it on the
@@ -14,7 +14,10 @@ kernel: ``fastpbn.ops.STOCK_EAGER_ON_CUDA``). Three differences a user can rely 
   a backend that refuses the input) leaves ``num_batches_tracked`` as it was; stock
   BatchNorm counts it. (A call that gets as far as the kernel counts, as in stock:
   activation checkpointing's early stop of a recomputed forward, which raises after the
-  kernel, sees stock's counts.)
+  kernel, sees stock's counts.);
+* on the CPU, a training call with fp16 / bf16 input whose parameters and running statistics
+  differ in dtype (one float32, the other the input's, as FSDP's mixed precision leaves
+  them) runs, in float32, where PyTorch's CPU kernel refuses it.
 
 Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.func`` transforms and
 forward-mode AD the layers run PyTorch's own kernel, with stock semantics (those tools record or

@@ -589,10 +589,12 @@ def test_data_items_input_fn_forward_fn_device():
 
 
 def test_small_batch_warning():
-    with pytest.warns(UserWarning, match="batch of 8 samples"):
+    """Warned whether the loader's batches or ``batch_size`` are small, at the caller's line."""
+    with pytest.warns(UserWarning, match="batch of 8 samples") as caught:
         recompute_bn_stats(cnn(16), [shifted(8, 1, 8, 8)], apply=False)
-    with pytest.warns(UserWarning, match="batch of 16 samples"):
+    with pytest.warns(UserWarning, match="batch of 16 samples") as caught_too:
         recompute_bn_stats(cnn(16), [shifted(32, 1, 8, 8)], batch_size=16, apply=False)
+    assert {w.filename for w in [*caught, *caught_too]} == {__file__}
 
 
 # ---- nothing lost ----------------------------------------------------------------------------
@@ -747,7 +749,11 @@ def test_tol_waits_for_a_layer_that_runs_later():
 # ---- PopulationStats -------------------------------------------------------------------------
 
 @pytest.mark.parametrize("backend", ["safetensors", "torch"])
-def test_apply_false_save_load_round_trip(tmp_path, monkeypatch, backend):
+@pytest.mark.parametrize("name", ["stats.bin", "stats.safetensors"])
+def test_apply_false_save_load_round_trip(tmp_path, monkeypatch, backend, name):
+    """A round trip in either format, under any name: where safetensors is not installed a
+    ".safetensors" name gets torch.save's format with a warning, and load reads it back
+    (given the path, torch.load read it as safetensors, by its extension)."""
     model = cnn(20)
     snap = snapshot(model)
     batches = [shifted(32, 1, 8, 8) for _ in range(2)]
@@ -755,13 +761,27 @@ def test_apply_false_save_load_round_trip(tmp_path, monkeypatch, backend):
     assert_unchanged(model, snap)
     if backend == "torch":
         monkeypatch.setitem(sys.modules, "safetensors.torch", None)  # force the fallback
-    path = tmp_path / "stats.bin"
-    stats.save(path)
+    else:
+        pytest.importorskip("safetensors")
+    path = tmp_path / name
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        stats.save(path)
+    warned = sum("safetensors is not installed" in str(w.message) for w in caught)
+    assert warned == (backend == "torch" and name == "stats.safetensors")
     loaded = PopulationStats.load(path)
     assert list(loaded) == list(stats)
     for n in stats:
         for a, b in zip(stats[n], loaded[n]):
             assert torch.equal(a, b)
+    assert loaded == stats and not loaded != stats
+    changed = PopulationStats({n: (s.mean + (n == "features.8"), s.var, s.count)
+                               for n, s in stats.items()}, estimator=stats.estimator,
+                              num_samples=64, num_batches=1, batch_size=64)
+    assert changed != stats and changed != dict(stats)
+    assert changed == PopulationStats({n: changed[n] for n in reversed(list(changed))},
+                                      estimator="population", num_samples=64, num_batches=1,
+                                      batch_size=64)
     assert (loaded.estimator, loaded.num_samples, loaded.num_batches, loaded.batch_size,
             loaded.converged) == ("population", 64, 1, 64, None)
     loaded.apply(model)

@@ -6,6 +6,7 @@ import json
 import math
 import numbers
 import os
+import warnings
 from collections.abc import Mapping
 from typing import Any, Iterator, NamedTuple, Optional, Union
 
@@ -195,6 +196,19 @@ class PopulationStats(Mapping):
                        f"{r['mean_err_max']:>13.3e} {r['std_err_max']:>12.3e}")
         return "\n".join(out)
 
+    def __eq__(self, other: object) -> bool:
+        """The same layers with the same values, exactly, and the same metadata (layer order
+        aside, as for any mapping)."""
+        if not isinstance(other, PopulationStats):
+            return NotImplemented
+        meta, other_meta = self._metadata(), other._metadata()
+        del meta["layers"], other_meta["layers"]
+        return (meta == other_meta and self._layers.keys() == other._layers.keys()
+                and all(torch.equal(a, b) for name, s in self._layers.items()
+                        for a, b in zip(s, other._layers[name])))
+
+    __hash__ = None  # mutable tensors: not hashable, as a dict is not
+
     def _metadata(self) -> dict[str, str]:
         return {
             "format": _FORMAT, "layers": json.dumps(list(self._layers)),
@@ -212,6 +226,10 @@ class PopulationStats(Mapping):
         try:
             from safetensors.torch import save_file
         except ImportError:
+            if os.fspath(path).endswith(".safetensors"):
+                warnings.warn(f"PopulationStats.save: safetensors is not installed; {path} is "
+                              "written in torch.save's format (load reads it back; pip "
+                              "install safetensors for the safetensors format)", stacklevel=2)
             torch.save({"metadata": self._metadata(), "tensors": tensors}, path)
         else:
             save_file(tensors, str(path), metadata=self._metadata())
@@ -227,8 +245,11 @@ class PopulationStats(Mapping):
         with open(path, "rb") as f:
             is_zip = f.read(4) == b"PK\x03\x04"  # (a safetensors header may begin with "PK")
         try:
-            if is_zip:
-                blob = torch.load(path, map_location="cpu", weights_only=True)
+            if is_zip:  # read from a file object: given a path, torch.load picks its reader
+                # by the extension (a ".safetensors" name, written where safetensors is not
+                # installed, went to the safetensors reader)
+                with open(path, "rb") as f:
+                    blob = torch.load(f, map_location="cpu", weights_only=True)
                 meta, tensors = blob["metadata"], blob["tensors"]
             else:
                 from safetensors import safe_open

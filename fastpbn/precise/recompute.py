@@ -67,8 +67,10 @@ def recompute_bn_stats(
 
     Args:
         model: the model; its BN layers' names in ``named_modules()`` key the result. A
-            ``torch.compile``d model's original module runs the pass and keys the result
-            (hooks registered on the compiled wrapper itself do not run);
+            ``torch.compile``d model's original module and an ``nn.DataParallel``'s
+            ``module`` run the pass and key the result (names without the wrapper's
+            ``_orig_mod.`` / ``module.``, so the statistics apply to either; hooks registered
+            on the wrapper itself do not run);
             compiled code runs eagerly during the pass (torch >= 2.6 for a model compiled in
             place or a compiled submodule): the pass switches modes and layer forwards, and
             the compiler would trace and compile graphs for the pass alone.
@@ -95,9 +97,10 @@ def recompute_bn_stats(
             head that runs only in training, is left unchanged with a warning). Subclasses,
             and layers whose ``forward`` was replaced on the instance, keep their own
             ``forward``. A FastPreciseBN layer is measured on what ``FastPreciseBN.forward``
-            normalizes; any other on the input of the batch-norm call its ``forward`` makes
-            with the layer's weight (``F.batch_norm`` or ``torch.batch_norm``, however it gets
-            there: after a transpose or a scaling, through ``super()`` or by name), or at its
+            normalizes; any other on the input of the batch-norm call by batch statistics
+            that its ``forward`` makes with the layer's weight (``F.batch_norm`` or
+            ``torch.batch_norm``, however it gets there: after a transpose or a scaling,
+            through ``super()`` or by name), or at its
             input where it makes none (a synchronizing ``nn.SyncBatchNorm``).
         input_fn: ``input_fn(item)`` -> model input: a tensor or a structure (tuples,
             namedtuples, lists, dicts) of tensors whose dim 0 is the batch, the same in all
@@ -178,7 +181,7 @@ def recompute_bn_stats(
     else:
         auto_stop = False
     if batch_size is not None and batch_size < SMALL_BATCH:
-        _warn_small(batch_size)
+        _warn_small(batch_size, stacklevel=3)
 
     tracker = CallTracker(len(selected))
     state = PassState(model, selected)
@@ -231,7 +234,7 @@ def _run(source, forward, accs, tracker, state, tol, tol_every, progress, total,
             bar.update(n)
             if batches == 1:
                 if batch_size is None and n < SMALL_BATCH:
-                    _warn_small(n)
+                    _warn_small(n, stacklevel=4)
                 tracker.learn()
                 reused = any(c > 1 for c in tracker.counts)
                 if stop_early and tracker.order and not (auto_stop and reused):
@@ -441,10 +444,12 @@ def _check_ranks_agree(selected, estimator: str, per_call: bool, group) -> None:
                          "estimator= / tol=")
 
 
-def _warn_small(n: int) -> None:
+def _warn_small(n: int, stacklevel: int) -> None:
+    """The small-batch warning, pointed at the caller of ``recompute_bn_stats`` (``stacklevel``
+    counts from the function that calls this one)."""
     warnings.warn(f"recompute_bn_stats: normalization batch of {n} samples; below "
                   f"{SMALL_BATCH} the recomputed statistics are biased (Wu & Johnson, Table 2: "
-                  "use batch_size >= 100)", stacklevel=4)
+                  "use batch_size >= 100)", stacklevel=stacklevel)
 
 
 def _progress_bar(progress: bool, total: Optional[int]):
