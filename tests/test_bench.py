@@ -58,6 +58,27 @@ def test_time_fn_cpu_quantiles_are_ordered():
     assert 0 < t.p20 <= t.median <= t.p80
 
 
+def test_time_fn_cpu_takes_several_blocks(monkeypatch):
+    """A CPU timing is the median of at least five blocks: blocked_autorange may end after
+    one block that a hiccup stretched past its run time, which was then the whole timing."""
+    from torch.utils import benchmark
+
+    class OneBlockTimer:  # blocked_autorange: one 2.5 ms block; each further block 0.1 ms
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def blocked_autorange(self, min_run_time):
+            return benchmark.Measurement(100, [0.25], benchmark.TaskSpec("fn()", ""))
+
+        def timeit(self, number):
+            return benchmark.Measurement(number, [number * 1e-4], benchmark.TaskSpec("fn()", ""))
+
+    monkeypatch.setattr(benchmark, "Timer", OneBlockTimer)
+    t = timing.time_fn(lambda: None, CPU)
+    assert t.median == pytest.approx(0.1) and t.p20 == pytest.approx(0.1)
+    assert t.p80 > 0.1  # the stretched block is still there, as one of five
+
+
 def test_time_fn_graph_needs_cuda():
     with pytest.raises(ValueError, match="CUDA"):
         timing.time_fn(lambda: None, CPU, graph=True)

@@ -34,10 +34,12 @@ FULL_SHAPES = [(n, *chw) for n in (32, 128, 256) for chw in RESNET50_CHW] + BAD_
 QUICK_SHAPES = [(8, 64, 56, 56), (8, 256, 14, 14), (4096, 32, 1, 1), (17, 33, 13, 11)]
 TINY_SHAPES = [(4, 16, 8, 8)]
 
-# Bytes moved per pass, in units of x's size (DESIGN.md "Kernel design"): statistics read x
+# Bytes moved per pass, in units of x's size (the design's yardstick): statistics read x
 # once; the training forward reads it twice and writes y; the training backward reads three
 # tensors-worth and writes dx. Eval forward is one read + one write, eval backward reads dy
-# and x (for dw) and writes dx.
+# and x (for dw) and writes dx. The two-pass training backward (fastpbn's K3 + K4, and
+# PyTorch's) reads dy and x twice: 5, not 4, unless the second reads hit in cache, so its
+# GB/s and % of copy bandwidth are those of the yardstick's 4 (x 1.25 for the bytes moved).
 TRAFFIC = {
     ("stats", "train"): 1,
     ("forward", "train"): 3,
@@ -221,8 +223,9 @@ def run_case(case: Case, device: torch.device, copy_gbps: Optional[float], timin
                 record(pass_, mode, "torch-compile", t,
                        measure(f"{mode} {pass_} compile", build(compiled)))
     if case.graph and device.type == "cuda":
-        # small shapes under CUDA graphs (launch overhead removed), inputs rotated so that the
-        # timed calls do not all hit in L2
+        # small shapes under CUDA graphs (launch overhead removed), inputs rotated over up to
+        # 16 sets, 2x L2 where 16 reach it: an input below ~L2/8 (6.5 MB on an H100) stays in
+        # L2 across the rotation, as a layer's input does just after the layer that wrote it
         l2 = torch.cuda.get_device_properties(device).L2_cache_size
         x_bytes = bytes_moved(case.shape, case.dtype, "stats", "train")
         gsets = _inputs(case, device, copies=max(1, min(16, -(-2 * l2 // x_bytes))))

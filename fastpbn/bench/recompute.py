@@ -358,7 +358,8 @@ def _errors(method: Method, model, data, truth) -> dict:
     ``model`` with float64 capture hooks: ``err`` against the float64 statistics of exactly
     the inputs its layers saw (the estimation arithmetic alone); without hooks ``model`` is
     its last timed model and ``err`` is None. ``err_f64``: against the float64 model's
-    ``truth`` (also counts the float32 rounding of the forward that produced them)."""
+    ``truth`` (also counts the float32 rounding of the forward that produced them, and on CUDA
+    the TF32 rounding of cuDNN convolutions, PyTorch's default)."""
     if method.hookable:
         model = method.prep(copy.deepcopy(model))
         capture = Float64Capture(model)

@@ -94,7 +94,9 @@ def write_markdown(result: dict, out_dir: str) -> str:
         lines += ["**CPU results.** These are not GPU numbers: on CPU fastpbn runs its `torch` "
                   "backend (PyTorch ops: its CPU batch-norm kernels, or centred vectorized "
                   "passes for large contiguous activations, behind fastpbn's dispatch), so the "
-                  "kernel rows do not measure the Triton kernels.", ""]
+                  "kernel rows do not measure the Triton kernels. `% copy BW` compares with a "
+                  "copy through main memory; inputs that fit in the CPU's caches (the quick "
+                  "shapes, reused call after call) can exceed 100 %.", ""]
     lines += [f"- date: {result['date']}", f"- torch {result['torch']}, triton "
               f"{result['triton']}, CUDA {result['cuda']}", f"- preset: {result['preset']}, "
               f"wall time {result['runtime_s']:.0f} s",
@@ -129,7 +131,8 @@ def write_markdown(result: dict, out_dir: str) -> str:
                   "|mean − mean\\*|/(|mean\\*| + std\\*). `err`: against the float64 statistics "
                   "of exactly the inputs the method's layers saw (its estimation arithmetic). "
                   "`err f64`: against the model run in float64 (also counts the float32 rounding "
-                  "of the forward). Variance as M2/N for the methods that promise it (fvcore, "
+                  "of the forward, and on CUDA the TF32 of cuDNN convolutions, PyTorch's "
+                  "default). Variance as M2/N for the methods that promise it (fvcore, "
                   "fastpbn.update_bn_stats), M2/(N−1) otherwise.", ""]
         lines += _table(
             ["model", "data", "input", "samples", "norm. batch", "impl", "baseline", "ms",

@@ -21,6 +21,7 @@ import torch
 _MAX_CALLS = 100
 _GRAPH_UNROLL = 20
 _GRAPH_REPLAYS = 10
+_MIN_BLOCKS = 5  # CPU: blocks per timing, at least
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,12 @@ def time_fn(
 
     timer = benchmark.Timer("fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
     m = timer.blocked_autorange(min_run_time=min_run_time)
-    return _quantiles([t * 1e3 for t in m.times])
+    times = list(m.times)
+    # at least _MIN_BLOCKS blocks of the size it chose: one block stretched by a hiccup
+    # (another process on a shared core) would otherwise be the whole measurement
+    while len(times) < _MIN_BLOCKS:
+        times.extend(timer.timeit(m.number_per_run).times)
+    return _quantiles([t * 1e3 for t in times])
 
 
 def _cuda_time(fn, warmup_ms: float, rep_ms: float) -> Timing:
