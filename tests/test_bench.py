@@ -48,6 +48,11 @@ def test_quick_and_tiny_plans():
     assert sum(c.compile for c in quick) == 2
     tiny = batchnorm.plan("tiny", CPU, compile_=True)
     assert len(tiny) == 1 and not tiny[0].compile
+    assert not any(c.graph for c in quick + tiny)
+    # on CUDA the quick shapes (all small) get CUDA-graph rows too, as BENCH.md asks
+    cuda = torch.device("cuda")  # (planning touches no device)
+    assert all(c.graph for c in batchnorm.plan("quick", cuda, compile_=True))
+    assert not batchnorm.plan("tiny", cuda, compile_=True)[0].graph
     with pytest.raises(ValueError, match="preset"):
         batchnorm.plan("huge", CPU, compile_=True)
 

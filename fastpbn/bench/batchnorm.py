@@ -242,8 +242,8 @@ def plan(preset: str, device: torch.device, compile_: bool) -> list[Case]:
     """The cases of a preset (``tiny``, ``quick`` or ``full``), most important first.
 
     ``full`` is BENCH.md's set; ``torch.compile`` joins the N=128 ResNet-50 shapes and the bad
-    cases in float32/bfloat16 (compiling every point would not fit the 10-minute budget), and
-    CUDA graphs join the shapes of at most 16 MB.
+    cases in float32/bfloat16 (compiling every point would not fit the 10-minute budget). On
+    CUDA, graphs join the shapes of at most 16 MB in ``full`` and ``quick``.
     """
     if preset == "full":
         shapes, dtypes = FULL_SHAPES, (torch.float32, torch.bfloat16, torch.float16)
@@ -263,11 +263,12 @@ def plan(preset: str, device: torch.device, compile_: bool) -> list[Case]:
         for cl in layouts:
             for shape in shapes:
                 case = Case(shape, dtype, cl, {"train": train, "eval": evals})
+                small = bytes_moved(shape, dtype, "stats", "train") <= 16 * 2**20
+                case.graph = (device.type == "cuda" and preset != "tiny" and small
+                              and dtype != torch.float16)
                 if preset == "full":
                     case.compile = compile_ and dtype != torch.float16 and (
                         shape[0] == 128 or shape in BAD_SHAPES)
-                    small = bytes_moved(shape, dtype, "stats", "train") <= 16 * 2**20
-                    case.graph = device.type == "cuda" and small and dtype != torch.float16
                 elif preset == "quick":  # a CPU compile costs seconds: two float32 NCHW shapes
                     case.compile = compile_ and dtype == torch.float32 and not cl and \
                         shape in shapes[:2]
