@@ -665,7 +665,11 @@ def test_wrong_dtype_raises_naming_layer_and_changes_nothing():
     snap = snapshot(model)
     with pytest.raises(RuntimeError, match="'0'.*float64"):
         recompute_bn_stats(model, [shifted(32, 1, 8, 8).double()])
-    assert_unchanged(model, snap)
+    # integer data: refused, as the layer's own forward refuses it (the CPU pass took it)
+    for convert in (lambda m: m, convert_model):
+        with pytest.raises(TypeError, match="'0'.*floating-point.*int64"):
+            recompute_bn_stats(convert(model), [torch.randint(0, 5, (32, 1, 8, 8))])
+        assert_unchanged(model, snap)
 
 
 def test_empty_data_no_bn_never_ran_and_bad_arguments():

@@ -84,6 +84,9 @@ class FlatStats:
                 _verify_batch_size(x)
             except (ValueError, RuntimeError) as e:
                 raise_named(e, name)
+            if not x.is_floating_point():  # as the layer's own forward
+                raise TypeError(f"BN layer {name!r} ({type(module).__name__}): input must be a "
+                                f"floating-point tensor, got {x.dtype}")
             if x.numel() == 0:  # an empty batch (a head with no proposals): no values to add
                 return F.batch_norm(x, None, None, module.weight, module.bias, True, 0.0,
                                     module.eps)
