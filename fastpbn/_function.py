@@ -5,8 +5,9 @@
 and ``fastpbn::batch_norm_backward``: being custom ops with fake (meta) implementations, they
 trace into ``torch.compile(fullgraph=True)`` graphs without breaks; the backend is chosen
 inside the op, at run time. (A mutating custom op cannot carry its own autograd formula, hence
-the Functions.) The eval forward has no op: compiled, exported and fake calls record
-PyTorch's own (``fastpbn.ops.batch_norm``).
+the Functions; and an exported program, which keeps no Function, records PyTorch's ops instead,
+see ``fastpbn.ops.batch_norm_train``.) The eval forward has no op: compiled, exported and fake
+calls record PyTorch's own (``fastpbn.ops.batch_norm``).
 """
 
 # no `from __future__ import annotations`: torch < 2.6 reads the custom ops' schemas from

@@ -420,6 +420,33 @@ def native_forward_train(
                             eps, torch.backends.cudnn.enabled)  # as F.batch_norm
 
 
+def exported_forward_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+) -> Tensor:
+    """:func:`native_forward_train` for ``torch.export``: PyTorch's own ops, which an exported
+    program can differentiate. With ``momentum=None`` the factor 1/num_batches_tracked stays
+    a tensor (stock's ``float()`` of it cannot be exported) and the running statistics (the
+    unbiased variance, as PyTorch's kernel writes) are updated beside the op."""
+    if momentum is not None or running_mean is None:
+        return native_forward_train(x, weight, bias, running_mean, running_var,
+                                    num_batches_tracked, momentum, eps)
+    y = native_forward_train(x, weight, bias, None, None, None, 0.0, eps)
+    if num_batches_tracked is not None:
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.to(stats_dtype(x)), _reduce_dims(x), correction=1)
+            factor = num_batches_tracked.reciprocal()
+            running_mean.lerp_(mean.to(running_mean.dtype), factor.to(running_mean.dtype))
+            running_var.lerp_(var.to(running_var.dtype), factor.to(running_var.dtype))
+    return y
+
+
 def forward_eval(
     x: Tensor,
     weight: Optional[Tensor],

@@ -23,8 +23,11 @@ Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.func`` tr
 forward-mode AD the layers run PyTorch's own kernel, with stock semantics (those tools record or
 transform PyTorch's ops only; an ``accumulator`` is refused there). ``torch.fx.symbolic_trace``
 records a layer as one module call, as it records a stock BN layer (a leaf): the graph runs the
-layer itself, in the mode it is in at run time. ``torch.compile`` and ``torch.export`` trace
-fastpbn's custom op in training and PyTorch's own op in eval (see ``fastpbn.ops.batch_norm``).
+layer itself, in the mode it is in at run time. ``torch.compile`` traces fastpbn's custom op in
+training and PyTorch's own op in eval (see ``fastpbn.ops.batch_norm``); ``torch.export``
+(torch >= 2.5) PyTorch's own ops in both, so that an exported program trains (with an
+``accumulator``: fastpbn's op, and only without autograd). Activation checkpointing's rerun of
+a forward inside the backward merges nothing into the accumulator.
 """
 
 from __future__ import annotations

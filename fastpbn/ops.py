@@ -139,6 +139,12 @@ def _stock_serves(x: Tensor, training: bool, weight: Optional[Tensor], bias: Opt
     return requested_backend() == "auto"  # (an environment read: last)
 
 
+# torch >= 2.5; before it, exports record fastpbn's training op (not trainable there)
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+# torch >= 2.1: the id of the backward pass running in this thread, -1 outside one
+_graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
+
+
 def _needs_autograd(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -184,6 +190,12 @@ def batch_norm_train(
         # SubgraphTracer"). Eager: a float stays itself.
         momentum = float(momentum)
     acc = (None, None, None)
+    compiling = _function.through_ops()
+    if accumulator is not None and not compiling and _graph_task_id() != -1:
+        # a forward run inside a backward: activation checkpointing recomputing it, which
+        # must not merge the batch a second time (the running statistics do update twice,
+        # as stock's; a compiled graph recomputes inside its own backward and merges once)
+        accumulator = None
     if accumulator is not None and input.numel() > 0:  # (an empty batch adds nothing)
         try:
             accumulator._check_input(input)
@@ -199,15 +211,24 @@ def batch_norm_train(
     # kernel (which resolves, or builds, nothing). Where the torch backend would run PyTorch's
     # own kernel anyway, that kernel is called directly: PyTorch's C++ autograd node costs
     # less than a Python autograd.Function (~17 µs a call on CPU).
-    compiling = _function.through_ops()
     handed_off = (not compiling and accumulator is None and momentum is not None
                   and _stock_serves(input, True, weight, bias, running_mean, running_var))
     backend = None if compiling or handed_off else get_backend(input)
-    stock_only = backend is not None and _stock_only(input, weight, bias)
+    # (compiled too: a graph of torch.func.grad runs the transform on what it records)
+    stock_only = not handed_off and _stock_only(input, weight, bias)
     if stock_only and accumulator is not None:
         raise RuntimeError("accumulator: fastpbn's statistics kernels cannot run under "
                            "torch.jit.trace, torch.func transforms or forward-mode AD")
-    native = handed_off or stock_only or (
+    # torch.export records PyTorch's op: an exported program is trained through its ops'
+    # autograd formulas, which fastpbn's mutating op cannot have (its autograd.Function is
+    # not kept); with an accumulator, fastpbn's op, for a forward without autograd
+    exported = compiling and _is_exporting()
+    if exported and accumulator is not None and _needs_autograd(input, weight, bias):
+        raise RuntimeError("accumulator: an exported program cannot differentiate fastpbn's "
+                           "accumulating op; export under torch.no_grad() to gather "
+                           "statistics, or without the accumulator to train")
+    exported = exported and accumulator is None
+    native = handed_off or stock_only or exported or (
         backend is not None and accumulator is None and backend.name == "torch"
         and backend.native_train(input, weight, bias, running_mean, running_var))
     grad = not native and _needs_autograd(input, weight, bias)
@@ -223,6 +244,8 @@ def batch_norm_train(
                                    "torch.no_grad() (nothing was updated)")
     if num_batches_tracked is not None:  # the call is accepted: count it, as stock does
         num_batches_tracked.add_(1)
+    if exported:
+        return _torch_ops.exported_forward_train(*args[:8])
     if native:
         return _torch_ops.native_forward_train(*args[:8])
     if grad:

@@ -226,21 +226,102 @@ def test_compiled_backward_on_a_transposed_sequence():
         close(b, a, "compiled gradient")
 
 
-def test_export_keeps_the_training_op_and_records_stock_eval(tmp_path):
-    """torch.export records fastpbn's custom op in training, and PyTorch's own op in eval: an
-    exported eval model is plain ATen after run_decompositions (what ONNX, AOTInductor and
-    other lowerings need), and a saved one loads and runs in a process without fastpbn."""
+def _targets(program) -> set:  # (torch < 2.6 wraps a mutating op in auto_functionalized)
+    return {str(n.args[0] if str(n.target) == "auto_functionalized" else n.target)
+            for n in program.graph.nodes if n.op == "call_function"}
+
+
+EXPORTS_STOCK_TRAINING = hasattr(torch.compiler, "is_exporting")  # torch >= 2.5
+
+
+@pytest.mark.skipif(not EXPORTS_STOCK_TRAINING, reason="torch < 2.5")
+@pytest.mark.parametrize("strict", [False, True])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_exported_training_program_trains_like_stock(strict, momentum):
+    """A model exported in training mode records PyTorch's ops, so the program trains: the
+    gradients of every parameter (the BN layer's and those before it) and the running
+    statistics equal stock's. fastpbn's mutating op has no autograd formula in an exported
+    program: gradients were silently None (strict) or backward raised (non-strict).
+    momentum=None, which stock cannot export, matches stock run eagerly."""
+    torch.manual_seed(0)
+    stock = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4, momentum=momentum), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(100, 2)).to(DEVICE)
+    ours = fastpbn.convert_model(copy.deepcopy(stock))
+    x = torch.randn(4, 3, 5, 5, device=DEVICE) * 2 + 1
+    program = torch.export.export(ours, (x,), strict=strict)
+    assert not any("fastpbn" in t for t in _targets(program))
+    if momentum is not None:
+        stock = torch.export.export(stock, (x,), strict=strict).module()
+    ours = program.module()
+    for step in range(2):
+        xs = x + step
+        for m in (stock, ours):
+            m.zero_grad()
+            m(xs).square().sum().backward()
+        params, buffers = dict(ours.named_parameters()), dict(ours.named_buffers())
+        for name, a in stock.named_parameters():
+            assert params[name].grad is not None, name
+            torch.testing.assert_close(params[name].grad, a.grad, rtol=1e-4, atol=1e-5,
+                                       msg=name)
+        for name, a in stock.named_buffers():
+            torch.testing.assert_close(buffers[name], a, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.skipif(not EXPORTS_STOCK_TRAINING, reason="torch < 2.5")
+def test_export_with_an_accumulator():
+    """With an accumulator an export records fastpbn's op (the statistics kernel), for a
+    forward without autograd; with autograd it is refused, saying why."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), FastPreciseBN2d(4)).to(DEVICE)
+    model[1].accumulator = fastpbn.WelfordState(4, device=DEVICE)
+    x = torch.randn(4, 3, 5, 5, device=DEVICE)
+    with pytest.raises(RuntimeError, match="accumulator: an exported program cannot"):
+        torch.export.export(model, (x,), strict=False)
+    with torch.no_grad():
+        program = torch.export.export(model, (x,), strict=False)
+    assert "fastpbn.batch_norm_train.default" in _targets(program)
+
+
+def test_compiled_func_grad_matches_stock():
+    """torch.compile of torch.func.grad through a training-mode layer: the transform runs on
+    PyTorch's op, as in eager (fastpbn's op under the transform gave zero gradients: of the
+    input without running statistics, of weight and bias through functional_call)."""
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 5, 5, device=DEVICE) + 1
+    results = []
+    for cls in (nn.BatchNorm2d, FastPreciseBN2d):
+        torch._dynamo.reset()
+        torch.manual_seed(1)
+        bn = cls(3, track_running_stats=False).to(DEVICE)
+        model = nn.Sequential(nn.Conv2d(3, 4, 1), cls(4)).to(DEVICE)
+        params = {k: v.detach() for k, v in model.named_parameters()}
+        buffers = dict(model.named_buffers())
+
+        def f(x, bn=bn, model=model, params=params, buffers=buffers):
+            dx = grad(lambda u: bn(u).pow(3).sum())(x)
+            # (the buffers passed in: the forward writes them)
+            dp = grad(lambda p, b: functional_call(model, (p, b), (x,)).square().sum())(
+                params, {k: v.clone() for k, v in buffers.items()})
+            return dx, dp
+
+        results.append(torch.compile(f, backend="aot_eager", fullgraph=True)(x))
+    (dx_stock, dp_stock), (dx, dp) = results
+    assert dx_stock.abs().max() > 1e-3 and dp_stock["1.weight"].abs().max() > 1e-3
+    torch.testing.assert_close(dx, dx_stock, rtol=1e-4, atol=1e-5)
+    for name in dp_stock:
+        torch.testing.assert_close(dp[name], dp_stock[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_export_records_stock_eval(tmp_path):
+    """torch.export records PyTorch's own op in eval: an exported eval model is plain ATen
+    after run_decompositions (what ONNX, AOTInductor and other lowerings need), and a saved
+    one loads and runs in a process without fastpbn."""
     torch.manual_seed(0)
     model = fastpbn.convert_model(
         nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.ReLU())).to(DEVICE)
     x = torch.randn(2, 3, 5, 5, device=DEVICE)
-
-    def targets(program):  # (torch < 2.6 wraps a mutating op in auto_functionalized)
-        return {str(n.args[0] if str(n.target) == "auto_functionalized" else n.target)
-                for n in program.graph.nodes if n.op == "call_function"}
-
-    train = torch.export.export(model.train(), (x,), strict=False)
-    assert "fastpbn.batch_norm_train.default" in targets(train)
+    targets = _targets
     with torch.no_grad():
         model[1].running_mean.normal_()
     program = torch.export.export(model.eval(), (x,), strict=False)

@@ -263,6 +263,28 @@ def test_low_precision_model_with_accumulator(backend, dtype, channels_last):
     torch.testing.assert_close(ours.accumulator.var(False), var, rtol=rtol, atol=0)
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_checkpointed_layer_merges_each_batch_once(backend, use_reentrant):
+    """Activation checkpointing reruns the forward inside the backward: the accumulator takes
+    the batch once (it took it twice), while the running statistics update twice, as stock's
+    do under checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
+    stock, ours = make_pair(2, 8)
+    ours.accumulator = fastpbn.WelfordState(8, device=DEVICE)
+    x = shifted(*_served_shape(backend), mean=3.0, std=2.0)
+    for m in (stock, ours):
+        xx = x.clone().requires_grad_()
+        checkpoint(m, xx, use_reentrant=use_reentrant).square().sum().backward()
+    mean, var, count = batch_stats_reference(x)
+    assert ours.accumulator.count.tolist() == [count] * 8
+    torch.testing.assert_close(ours.accumulator.mean, mean, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ours.accumulator.var(False), var, rtol=1e-5, atol=1e-6)
+    assert_close(ours.running_mean, stock.running_mean, 1e-5, "running_mean")
+    assert_close(ours.running_var, stock.running_var, 1e-5, "running_var")
+    assert ours.num_batches_tracked.item() == stock.num_batches_tracked.item() == 2
+
+
 def test_state_dict_both_ways():
     stock, ours = make_pair(2, 5, momentum=None)
     stock.train()(shifted(4, 5, 3, 3))
