@@ -88,7 +88,7 @@ __device__ __forceinline__ void chan_merge(A& n, A& mean, A& m2, A nb, A mb, A m
   const A nt = n + nb;
   const A w = nb / nt;
   const A delta = mb - mean;
-  m2 += m2b + delta * delta * n * w;
+  m2 += m2b + delta * (n * w) * delta;  // (n = 0: 0, not inf * 0, where delta² overflows)
   mean += delta * w;
   n = nt;
 }

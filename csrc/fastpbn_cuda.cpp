@@ -189,7 +189,7 @@ void forward_train(const Tensor& x, const Tensor& y, const OptTensor& weight,
                    const OptTensor& acc_mean, const OptTensor& acc_m2, const Tensor& save_mean,
                    const Tensor& save_invstd, const Tensor& ws, const Tensor& counters) {
   const Geometry g = geometry_of(x);
-  TORCH_CHECK(eps > 0.0, "eps must be positive in training, got ", eps);
+  TORCH_CHECK(eps > 0.0, "eps must be positive in training, got ", std::to_string(eps));
   auto o = no_outputs(eps);
   o.mean = float_channel(save_mean, x, "save_mean");
   o.invstd = float_channel(save_invstd, x, "save_invstd");

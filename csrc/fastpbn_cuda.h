@@ -136,6 +136,7 @@ inline bool rows_layout(const Geometry& g, const View& x) { return g.C > 1 && x.
 inline Tiling plan_tiling(const Geometry& g, bool rows, int64_t target_blocks, int64_t min_elems) {
   const int64_t R = g.N * g.S;
   Tiling t{g.N, g.C, g.S, rows, 1, g.N, g.S, 1, R};
+  if (R == 0 || g.C == 0) return t;  // no values: one empty split (callers launch nothing)
   const int64_t per_block_channels = rows ? std::min<int64_t>(g.C, 64) : 1;
   const int64_t groups = ceil_div(g.C, per_block_channels);
   int64_t want = ceil_div(target_blocks, groups);

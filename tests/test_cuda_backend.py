@@ -652,6 +652,21 @@ def test_nan_reaches_the_statistics(runner):
     assert mean.isnan().tolist() == var.isnan().tolist() == [False, True, False, False]
 
 
+def test_overflowing_variance_is_inf_not_nan(runner):
+    """A float32 channel whose squared deviations overflow (|x| ~ 1e20) gives variance inf,
+    as the Triton kernels do, not NaN (a chunk's first merge took inf x 0)."""
+    dev = runner.device
+    torch.manual_seed(8)
+    x = _shifted((8, 3, 16, 16), 1.0, 0.0).float()
+    x[:, 1] *= 1e20
+    x = x.to(dev)
+    mean, var = torch.empty(3, device=dev), torch.empty(3, device=dev)
+    ws, counters = runner.workspace(x)
+    runner.ext.batch_stats(x, mean, var, ws, counters)
+    assert var.isinf().tolist() == [False, True, False] and not var.isnan().any()
+    assert mean.isfinite().all()
+
+
 # ---------------------------------------------------------------------------------------------
 # The Python wrappers (fastpbn/_cuda_ext.py) and the autograd path, on the emulation or the GPU
 
@@ -698,6 +713,20 @@ def test_wrappers_copy_write_back_and_cast(cuda_backend):
     assert (state[:, 0] == n).all()
     assert torch.allclose(state[:, 1].cpu(), m.cpu().double(), atol=1e-5)
     assert torch.allclose(state[:, 2].cpu(), v.cpu().double() * n, rtol=1e-5)
+
+
+def test_empty_input_through_the_wrappers(cuda_backend):
+    """No values (N, C or the spatial extent 0): the planner gives a workspace instead of
+    dividing by zero (SIGFPE, through every wrapper but forward_eval), and the backward gives
+    zero parameter gradients, as the Triton backend does."""
+    dev = cuda_backend.device
+    for shape in [(0, 3, 4, 4), (2, 0, 4, 4), (2, 3, 0), (0, 5)]:
+        floats, counters = cuda_backend.ext.workspace_size(torch.empty(shape, device=dev))
+        assert floats >= 0 and counters >= 0, shape
+    x = torch.empty(0, 3, 4, 4, device=dev)
+    dx, dw, db = _cuda_ext.backward(x, x, None, torch.zeros(3, device=dev),
+                                    torch.ones(3, device=dev), True, (True, True, True))
+    assert dx.shape == x.shape and dw.tolist() == db.tolist() == [0.0] * 3
 
 
 @pytest.mark.parametrize("momentum", [0.1, None])
