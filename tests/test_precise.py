@@ -702,7 +702,18 @@ def test_empty_data_no_bn_never_ran_and_bad_arguments():
         recompute_bn_stats(lambda x: x, [])
     with pytest.raises(TypeError, match="layers must be"):
         recompute_bn_stats(model, [shifted(4, 1, 8, 8)], layers=3)
+    # one tensor as data: said so (it was iterated sample by sample, and a BN layer blamed)
+    with pytest.raises(TypeError, match="got one tensor: pass \\[data\\]"):
+        recompute_bn_stats(model, shifted(4, 1, 8, 8))
     assert_unchanged(model, snap)
+
+    class Indexed:  # iterable through __getitem__ alone, as Python allows
+        def __getitem__(self, i):
+            if i >= 2:
+                raise IndexError(i)
+            return shifted(4, 1, 8, 8)
+
+    assert recompute_bn_stats(model, Indexed(), apply=False).num_batches == 2
 
 
 class AuxHead(nn.Module):
@@ -1671,17 +1682,28 @@ class _EmptyHead(nn.Module):
         return self.bn(x), self.bn(x[x[:, 0, 0, 0] > 1e9])
 
 
-@pytest.mark.parametrize("bn", [nn.BatchNorm2d, FastPreciseBN2d, _ScaledStockBN])
-def test_empty_batches_add_nothing(bn):
+class _SubclassBN(FastPreciseBN2d):
+    pass
+
+
+@pytest.mark.parametrize("bn", [nn.BatchNorm2d, FastPreciseBN2d, _ScaledStockBN, _SubclassBN])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("estimator", ["population", "batch_mean"])
+def test_empty_batches_add_nothing(bn, dtype, estimator):
     """Stock BN runs an empty batch; the passes failed on one (a bare ZeroDivisionError on the
-    CPU fast path, 'no values per channel' from an accumulator). Now it adds nothing."""
+    CPU fast path, 'no values per channel' from an accumulator). Now it adds nothing, also as
+    a call of the per-call estimators on every path (off the float32 CPU fast path it counted
+    as a call with mean 0: batch_mean's mean and variance pulled towards 0)."""
     torch.manual_seed(46)
-    batches = [shifted(8, 3, 4, 4) for _ in range(3)]
-    model = _EmptyHead(bn(3))
-    stats = recompute_bn_stats(model, batches, apply=False)["bn"]
-    plain = recompute_bn_stats(model.bn, batches, apply=False)[""]
+    batches = [shifted(8, 3, 4, 4).to(dtype) for _ in range(3)]
+    model = _EmptyHead(bn(3)).to(dtype)
+    stats = recompute_bn_stats(model, batches, apply=False, estimator=estimator)["bn"]
+    plain = recompute_bn_stats(model.bn, batches, apply=False, estimator=estimator)[""]
     assert torch.equal(stats.count, plain.count)
     torch.testing.assert_close(stats.mean, plain.mean, rtol=1e-12, atol=0)
+    torch.testing.assert_close(stats.var, plain.var, rtol=1e-12, atol=0)
+    if estimator == "batch_mean" or dtype == torch.float64:
+        return
     fv, ref = copy.deepcopy(model).train(), copy.deepcopy(model.bn).train()
     update_bn_stats(fv, batches, num_iters=3)
     update_bn_stats(ref, batches, num_iters=3)

@@ -147,7 +147,6 @@ class LayerAccumulator:
             self.call = WelfordState(channels, device)
             self.calls = WelfordState(channels, device)
             self.var_sum = torch.zeros(channels, dtype=torch.float64, device=device)
-            self._one = torch.ones_like(self.var_sum)
 
     @property
     def target(self) -> WelfordState:
@@ -159,9 +158,12 @@ class LayerAccumulator:
             return
         c = self.call
         self.total.merge(c)
-        chan_merge_(self.calls.count, self.calls.mean, self.calls.m2, self._one, c.mean,
-                    torch.zeros_like(c.m2))
-        self.var_sum.add_(c.m2 / (c.count - 1))
+        # a call with no values (a head with no proposals) counts for nothing: weight 0, no
+        # variance (no host sync to ask)
+        seen = c.count > 0
+        chan_merge_(self.calls.count, self.calls.mean, self.calls.m2, seen.double(),
+                    c.mean, torch.zeros_like(c.m2))
+        self.var_sum.add_(torch.where(seen, c.m2 / (c.count - 1), 0.0))
         c.reset()
 
     def converged(self, tol: float) -> Tensor:

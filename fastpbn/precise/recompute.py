@@ -90,7 +90,10 @@ def recompute_bn_stats(
         estimator: "population" (default): the pooled statistics of every value a layer saw,
             ``running_var`` = M2/(N-1), exact under uneven batches. "batch_mean": the equal-
             weight average of per-call means and unbiased variances (``swa_utils.update_bn``,
-            pycls, mmpretrain).
+            pycls, mmpretrain). A call is one normalization: each batch-norm call a stock
+            subclass's ``forward`` makes, but one call of a FastPreciseBN subclass however
+            many it makes (a "ghost BN" normalizing chunks of its input: their means pool
+            into one call; known limitation), and an empty one counts for nothing.
         layers: which BN layers to recompute: modules or names (as in ``named_modules()``),
             one or a list, or ``fn(name, module) -> bool``; None: every BN layer with running
             statistics that the pass's forward runs (one that never runs, such as an auxiliary
@@ -352,7 +355,10 @@ def _check_args(model, data, num_samples, num_batches, batch_size, estimator, to
     (numpy integers and 0-d integer tensors are accepted)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-    if data is None or not hasattr(data, "__iter__"):
+    if isinstance(data, torch.Tensor):  # iterating it would give single samples
+        raise TypeError("data must be an iterable of batches, got one tensor: pass [data] for "
+                        "one batch, or a DataLoader / list of batches")
+    if data is None or not (hasattr(data, "__iter__") or hasattr(data, "__getitem__")):
         raise TypeError(f"data must be an iterable of batches, got {type(data).__name__}")
     counts = []
     for name, v, low in (("num_samples", num_samples, 1), ("num_batches", num_batches, 1),
