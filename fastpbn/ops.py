@@ -314,6 +314,6 @@ def batch_stats(x: Tensor, check: bool = True) -> tuple[Tensor, Tensor, int]:
     x = x.detach()  # statistics have no gradient (an activation may require one)
     mean, var, count = get_backend(x).batch_stats(x)
     if check and not bool(torch.isfinite(mean).all() & torch.isfinite(var).all()):
-        raise ValueError("x: its statistics are not finite (NaN or Inf values, or a variance "
-                         "that overflows float32)")
+        raise ValueError("x: its statistics are not finite (NaN or Inf values, or squared "
+                         "deviations beyond float32's range)")
     return mean, var, count

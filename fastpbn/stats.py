@@ -87,6 +87,9 @@ class WelfordState:
         get_backend(x).welford_update(x, self.count, self.mean, self.m2)
         if saved is not None and not self.is_finite():
             self._restore(saved)
+            if not self.is_finite():  # x is not to blame
+                raise ValueError("this WelfordState was not finite before x (a batch merged "
+                                 "with check=False?); reset() it. x was not merged")
             raise ValueError("x contains non-finite values (NaN or Inf), or values whose "
                              "squares overflow float32; state left unchanged")
         return self

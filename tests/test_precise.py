@@ -2,6 +2,7 @@
 BN layer's inputs, against fvcore and torch.optim.swa_utils, and the nothing-lost guarantees."""
 
 import copy
+import math
 import sys
 import warnings
 
@@ -990,6 +991,15 @@ def test_drift_reports_how_far_the_ema_is():
     assert row["mean_err_max"] == pytest.approx(0.5, rel=1e-5)
     assert row["std_err_max"] == pytest.approx(1.0, rel=1e-5)
     assert "features.4" in PopulationStats.format_drift(stats.drift(model))
+    # channels with population variance 0: agreement is 0 error, a difference infinite, a
+    # NaN running statistic NaN (it was reported as 0)
+    zero = PopulationStats({"0": (torch.ones(3), torch.zeros(3), torch.full((3,), 8.0))})
+    for running, expected in [(1.0, 0.0), (2.0, math.inf), (math.nan, math.nan)]:
+        layer = nn.Sequential(nn.BatchNorm2d(3))
+        with torch.no_grad():
+            layer[0].running_mean.fill_(running), layer[0].running_var.zero_()
+        got = zero.drift(layer)[0]["mean_err_max"]
+        assert got == expected or math.isnan(got) and math.isnan(expected), (running, got)
 
 
 def test_small_resnet_with_fastprecisebn_population():

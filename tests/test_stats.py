@@ -103,6 +103,10 @@ def test_bad_input_leaves_state_unchanged(backend):
         state.update(torch.ones(4, 3, dtype=torch.int64, device=DEVICE))
     for a, b in ((state.count, before.count), (state.mean, before.mean), (state.m2, before.m2)):
         assert torch.equal(a, b)
+    # a state already made non-finite (check=False) is named, not the clean batch after it
+    state.update(bad, check=False)
+    with pytest.raises(ValueError, match="was not finite before x.*reset"):
+        state.update(shifted_batches([4])[0])
 
 
 def test_batch_stats_refuses_non_finite_statistics(backend):
@@ -206,13 +210,15 @@ def test_accumulating_forward_off_the_cpu_kernels(monkeypatch, layout, dtype):
 
 
 @pytest.mark.parametrize("layout", ["nchw", "channels_last", "small_hw", "strided", "1d_len",
-                                    "3d", "float64", "2d", "len1", "channels_last_3d"])
+                                    "3d", "float64", "2d", "len1", "channels_last_3d",
+                                    "many_samples"])
 @pytest.mark.parametrize("mean, std", [(0.0, 1.0), (1e4, 1.0), (-3e3, 0.01)])
 def test_large_cpu_inputs_are_exact_on_either_path(layout, mean, std):
     """Contiguous CPU tensors of >= 32K values, and the layouts PyTorch's kernel sums in
     float32 (channels_last, (N, C), (N, C, 1)), are reduced in vectorized centred passes
     (other layouts: its kernel on pivot-shifted data): statistics and normalization match
-    float64 to ~1e-7 either way, far from zero too."""
+    float64 to ~1e-7 either way, far from zero too; with many samples too (a float32 mean
+    over (0, 2) added 16000 samples one after another: variance off by 2.6e-6)."""
     from fastpbn import _torch_ops
     from fastpbn.reference import batch_norm_reference
 
@@ -220,7 +226,8 @@ def test_large_cpu_inputs_are_exact_on_either_path(layout, mean, std):
     shapes = {"nchw": (8, 16, 16, 16), "channels_last": (8, 16, 16, 16),
               "small_hw": (64, 32, 4, 4), "strided": (8, 16, 16, 32), "1d_len": (16, 32, 64),
               "3d": (4, 8, 4, 16, 16), "float64": (8, 16, 16, 16), "2d": (20000, 8),
-              "len1": (20000, 8, 1), "channels_last_3d": (8, 8, 4, 8, 8)}
+              "len1": (20000, 8, 1), "channels_last_3d": (8, 8, 4, 8, 8),
+              "many_samples": (16000, 2, 100)}
     x = torch.randn(*shapes[layout], generator=g) * std + mean
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)

@@ -308,6 +308,7 @@ def _count(v: Any, name: str) -> int:
 
 
 def _ratio(err: Tensor, scale: Tensor) -> Tensor:
-    # a zero-variance channel: exact agreement is 0 error, anything else infinite
+    # a zero-variance channel: exact agreement is 0 error, a NaN stays NaN, anything else
+    # infinite
     return torch.where(scale > 0, err / scale.where(scale > 0, 1.0),
-                       torch.where(err > 0, torch.inf, 0.0))
+                       torch.where(err > 0, torch.inf, err.where(err.isnan(), 0.0)))
