@@ -12,6 +12,7 @@
 
 #include <array>
 #include <atomic>
+#include <cstdio>
 #include <optional>
 #include <string>
 
@@ -31,6 +32,11 @@ using OptTensor = std::optional<Tensor>;
 // process (SIGSEGV), while one streaming strings and dtypes raised. Cause not found; this
 // avoids the one difference seen (to be confirmed by test_gpu_binding_rejects_bad_input).
 std::string num(int64_t v) { return std::to_string(v); }
+std::string num(double v) {
+  char s[32];
+  std::snprintf(s, sizeof s, "%g", v);  // (std::to_string prints -1e-8 as -0.000000)
+  return s;
+}
 
 std::string dims(at::IntArrayRef a) {
   std::string s = "[";
@@ -189,7 +195,7 @@ void forward_train(const Tensor& x, const Tensor& y, const OptTensor& weight,
                    const OptTensor& acc_mean, const OptTensor& acc_m2, const Tensor& save_mean,
                    const Tensor& save_invstd, const Tensor& ws, const Tensor& counters) {
   const Geometry g = geometry_of(x);
-  TORCH_CHECK(eps > 0.0, "eps must be positive in training, got ", std::to_string(eps));
+  TORCH_CHECK(eps > 0.0, "eps must be positive in training, got ", num(eps));
   auto o = no_outputs(eps);
   o.mean = float_channel(save_mean, x, "save_mean");
   o.invstd = float_channel(save_invstd, x, "save_invstd");

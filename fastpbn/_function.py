@@ -208,10 +208,11 @@ class BatchNormEval(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, running_mean, running_var = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # backward(create_graph=True): PyTorch's eval backward, with its derivatives;
-            # without a weight, dx depends on nothing that requires grad, yet stock's has a
-            # graph (zero second-order gradients), which a gradient penalty may differentiate
+        if torch.is_grad_enabled() and weight is None:
+            # backward(create_graph=True) without a weight: dx depends on nothing that requires
+            # grad, yet stock's has a graph (zero second-order gradients), which a gradient
+            # penalty may differentiate: PyTorch's eval backward, with its derivatives (with a
+            # weight, the path below has them; it also takes the dtype mixes PyTorch's refuses)
             mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                     ctx.needs_input_grad[2]]
             dx, dw, db = torch.ops.aten.native_batch_norm_backward(

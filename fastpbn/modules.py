@@ -25,9 +25,9 @@ transform PyTorch's ops only; an ``accumulator`` is refused there). ``torch.fx.s
 records a layer as one module call, as it records a stock BN layer (a leaf): the graph runs the
 layer itself, in the mode it is in at run time. ``torch.compile`` traces fastpbn's custom op in
 training and PyTorch's own op in eval (see ``fastpbn.ops.batch_norm``); ``torch.export``
-(torch >= 2.5) PyTorch's own ops in both, so that an exported program trains (with an
-``accumulator``: fastpbn's op, and only without autograd). Activation checkpointing's rerun of
-a forward inside the backward merges nothing into the accumulator.
+(torch >= 2.13) PyTorch's own ops in both, so that an exported program trains (with an
+``accumulator``: fastpbn's op, and only without autograd). An eager forward run inside a
+backward (activation checkpointing's rerun) merges nothing into the accumulator.
 """
 
 from __future__ import annotations

@@ -139,8 +139,12 @@ def _stock_serves(x: Tensor, training: bool, weight: Optional[Tensor], bias: Opt
     return requested_backend() == "auto"  # (an environment read: last)
 
 
-# torch >= 2.5; before it, exports record fastpbn's training op (not trainable there)
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+# Exports record PyTorch's training op on torch >= 2.13: before it (pytorch#176347), dynamo
+# folds torch.compiler.is_exporting() to True under torch.compile too, which would take
+# every compiled training graph off fastpbn's op. Older exports record fastpbn's op, which an
+# exported program cannot differentiate.
+_is_exporting = (torch.compiler.is_exporting if torch.__version__ >= "2.13"
+                 else lambda: False)
 # torch >= 2.1: the id of the backward pass running in this thread, -1 outside one
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 
@@ -191,12 +195,11 @@ def batch_norm_train(
         momentum = float(momentum)
     acc = (None, None, None)
     compiling = _function.through_ops()
-    if accumulator is not None and not compiling and _graph_task_id() != -1:
-        # a forward run inside a backward: activation checkpointing recomputing it, which
-        # must not merge the batch a second time (the running statistics do update twice,
-        # as stock's; a compiled graph recomputes inside its own backward and merges once)
-        accumulator = None
-    if accumulator is not None and input.numel() > 0:  # (an empty batch adds nothing)
+    # an eager forward run inside a backward (activation checkpointing recomputing it) takes
+    # the path it took the first time, without merging the batch a second time (the running
+    # statistics do update twice, as stock's)
+    merge = not (accumulator is not None and not compiling and _graph_task_id() != -1)
+    if accumulator is not None and input.numel() > 0 and merge:  # (an empty batch adds nothing)
         try:
             accumulator._check_input(input)
         except (TypeError, ValueError) as e:

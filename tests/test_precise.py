@@ -1359,6 +1359,27 @@ class _NestedNoWeight(nn.BatchNorm2d):
         return super().forward(self.inner(x) * 3)
 
 
+class _AlwaysRunning(nn.BatchNorm1d):
+    """A BatchNorm1d over (B, T, C) that always normalizes by its running statistics."""
+
+    def forward(self, x):
+        return nn.functional.batch_norm(x.transpose(1, 2), self.running_mean, self.running_var,
+                                        self.weight, self.bias, False).transpose(1, 2)
+
+
+def test_layer_that_never_normalizes_by_batch_statistics_is_measured_where_it_normalizes():
+    """A measured layer whose forward makes no batch-norm call by batch statistics is measured
+    at its first call by running statistics with its weight (the transposed tensor), not at
+    its raw input (wrong shape: an error)."""
+    torch.manual_seed(48)
+    model = nn.Sequential(_AlwaysRunning(4))
+    batches = [torch.randn(6, 5, 4) * 2 + 1 for _ in range(2)]
+    stats = recompute_bn_stats(model, batches, apply=False)["0"]
+    seen = torch.cat(batches).double().reshape(-1, 4)
+    torch.testing.assert_close(stats.mean, seen.mean(0), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(stats.var, seen.var(0), rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("select_inner", [False, True])
 def test_layer_without_weight_measures_only_its_own_call(select_inner):
     """A measured layer without a weight takes only its own batch-norm call, not that of a

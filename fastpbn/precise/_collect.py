@@ -476,7 +476,8 @@ def _measuring_forward(layer: nn.Module, i: int, name: str, acc: LayerAccumulato
         except (ValueError, RuntimeError, TypeError) as e:
             raise_named(e, name)
         if not calls.fed:
-            feed(args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None)))
+            feed(calls.held if calls.held is not None else
+                 args[0] if args else kwargs.get("input", next(iter(kwargs.values()), None)))
         tracker.called(i)
         return y
 
@@ -491,14 +492,16 @@ class _BatchNormCalls(TorchFunctionMode):
     """Active while one measured layer's ``forward`` runs: feeds the input of each batch-norm
     call by batch statistics (``training=True``) made with that layer's weight; for a layer
     without one, each such call made with no weight while no measured layer nested in this one
-    runs (an unselected child, in eval mode, normalizes by its running statistics). Every other
-    call passes through untouched (to an enclosing layer's mode, when layers nest)."""
+    runs (an unselected child, in eval mode, normalizes by its running statistics). The input
+    of the first call with the layer's weight by running statistics is ``held``: a forward that
+    makes no call by batch statistics is measured there. Every other call passes through
+    untouched (to an enclosing layer's mode, when layers nest)."""
 
     _active = threading.local()  # the measured layers' modes now active in this thread
 
     def __init__(self, weight: Optional[Tensor], feed: Callable[[Tensor], None]):
         super().__init__()
-        self.weight, self.feed, self.fed = weight, feed, False
+        self.weight, self.feed, self.fed, self.held = weight, feed, False, None
 
     def __enter__(self):
         self._active.__dict__.setdefault("stack", []).append(self)
@@ -515,8 +518,11 @@ class _BatchNormCalls(TorchFunctionMode):
             w, t = slots
             weight = args[w] if len(args) > w else kwargs.get("weight")
             training = args[t] if len(args) > t else kwargs.get("training", False)
-            if training and weight is self.weight and (
-                    weight is not None or self._active.stack[-1] is self):
-                self.fed = True
-                self.feed(args[0] if args else kwargs["input"])
+            if weight is self.weight and (weight is not None or self._active.stack[-1] is self):
+                x = args[0] if args else kwargs["input"]
+                if training:
+                    self.fed = True
+                    self.feed(x)
+                elif weight is not None and self.held is None:
+                    self.held = x
         return func(*args, **kwargs)
