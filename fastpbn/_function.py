@@ -81,7 +81,9 @@ def _(x, weight, bias, running_mean, running_var, num_batches_tracked, momentum,
 _WRITTEN = (3, 4, 8, 9, 10)  # the arguments of batch_norm_train that it writes
 # only torch 2.12 and older need the copies (below); on torch 2.13 the copies themselves
 # made inductor write an offset view's memory wrongly (an accumulator's mean read its count)
-_COPY_WRITTEN = torch.__version__ < "2.13"  # (a TorchVersion compares with strings)
+# (major, minor): a 2.13 pre-release ("2.13.0a0+git...") counts as 2.13
+TORCH_2_13 = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 13)
+_COPY_WRITTEN = not TORCH_2_13
 
 
 def _train_op(*args):
@@ -208,11 +210,12 @@ class BatchNormEval(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, running_mean, running_var = ctx.saved_tensors
-        if torch.is_grad_enabled() and weight is None:
-            # backward(create_graph=True) without a weight: dx depends on nothing that requires
-            # grad, yet stock's has a graph (zero second-order gradients), which a gradient
-            # penalty may differentiate: PyTorch's eval backward, with its derivatives (with a
-            # weight, the path below has them; it also takes the dtype mixes PyTorch's refuses)
+        if torch.is_grad_enabled() and (weight is None or weight.dtype == running_var.dtype):
+            # backward(create_graph=True): PyTorch's eval backward, with its derivatives, as
+            # stock's. dx may depend on nothing that requires grad (no weight, or a frozen one),
+            # yet stock's has a graph (zero second-order gradients), which a gradient penalty
+            # may differentiate. (PyTorch's op refuses a weight and running statistics of two
+            # dtypes, which the path below takes.)
             mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
                     ctx.needs_input_grad[2]]
             dx, dw, db = torch.ops.aten.native_batch_norm_backward(

@@ -143,8 +143,7 @@ def _stock_serves(x: Tensor, training: bool, weight: Optional[Tensor], bias: Opt
 # folds torch.compiler.is_exporting() to True under torch.compile too, which would take
 # every compiled training graph off fastpbn's op. Older exports record fastpbn's op, which an
 # exported program cannot differentiate.
-_is_exporting = (torch.compiler.is_exporting if torch.__version__ >= "2.13"
-                 else lambda: False)
+_is_exporting = torch.compiler.is_exporting if _function.TORCH_2_13 else lambda: False
 # torch >= 2.1: the id of the backward pass running in this thread, -1 outside one
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
 

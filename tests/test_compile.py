@@ -231,7 +231,7 @@ def _targets(program) -> set:  # (torch < 2.6 wraps a mutating op in auto_functi
             for n in program.graph.nodes if n.op == "call_function"}
 
 
-EXPORTS_STOCK_TRAINING = torch.__version__ >= "2.13"  # (see fastpbn.ops._is_exporting)
+EXPORTS_STOCK_TRAINING = fastpbn._function.TORCH_2_13  # (see fastpbn.ops._is_exporting)
 
 
 @pytest.mark.skipif(not EXPORTS_STOCK_TRAINING, reason="torch < 2.13")

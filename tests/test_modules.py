@@ -645,13 +645,17 @@ def test_torch_func_transforms_and_forward_ad(backend):
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("affine", [True, False, "frozen"])
 def test_double_backward(backend, train, affine):
     """backward(create_graph=True) (a gradient penalty): the second-order gradients equal
-    stock's, on every backend; without a weight too, where in eval dx depends on nothing that
-    requires grad (stock's still has a graph, with zero derivatives)."""
-    stock, ours = make_pair(2, 8, affine=affine)
+    stock's, on every backend; without a weight or with a frozen one too, where in eval dx
+    depends on nothing that requires grad (stock's still has a graph, zero derivatives)."""
+    stock, ours = make_pair(2, 8, affine=bool(affine))
     stock.train(train), ours.train(train)
+    if affine == "frozen":
+        for m in (stock, ours):
+            m.requires_grad_(False)
+        affine = False
     x = shifted(*_served_shape(backend), mean=1.0, std=2.0)
     v = torch.randn_like(x)
     grads = []
