@@ -152,9 +152,18 @@ def _(grad_out, x, weight, mean, invstd, training, output_mask):
     )
 
 
-def _grads(ctx, grad_out, x, weight, mean, invstd, training):
-    mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
+def _mask(ctx, weight) -> list:
+    """Which of dx, dweight, dbias the backward gives (no dweight without a weight)."""
+    return [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
             ctx.needs_input_grad[2]]
+
+
+def _masked(grads, mask) -> tuple:
+    return tuple(g if m else None for g, m in zip(grads, mask))
+
+
+def _grads(ctx, grad_out, x, weight, mean, invstd, training):
+    mask = _mask(ctx, weight)
     # ctx.backend None: the forward went through the ops (under a fake mode, say), and so
     # must its backward, even when it runs after the mode has ended
     if through_ops() or ctx.backend is None:
@@ -167,7 +176,7 @@ def _grads(ctx, grad_out, x, weight, mean, invstd, training):
     else:  # the backend the forward resolved
         dx, dw, db = _backward_impl(grad_out, x, weight, mean, invstd, training, mask,
                                     ctx.backend)
-    return dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None
+    return _masked((dx, dw, db), mask)
 
 
 class BatchNormTrain(torch.autograd.Function):
@@ -216,12 +225,11 @@ class BatchNormEval(torch.autograd.Function):
             # yet stock's has a graph (zero second-order gradients), which a gradient penalty
             # may differentiate. (PyTorch's op refuses a weight and running statistics of two
             # dtypes, which the path below takes.)
-            mask = [ctx.needs_input_grad[0], weight is not None and ctx.needs_input_grad[1],
-                    ctx.needs_input_grad[2]]
+            mask = _mask(ctx, weight)
             dx, dw, db = torch.ops.aten.native_batch_norm_backward(
                 grad_y, x, weight, running_mean, running_var, None, None, False, ctx.eps, mask)
-            return (_in_output_layout(dx, x) if mask[0] else None, dw if mask[1] else None,
-                    db if mask[2] else None, None, None, None, None)
+            return (*_masked((_in_output_layout(dx, x) if mask[0] else dx, dw, db), mask),
+                    None, None, None, None)
         work = stats_dtype(x)
         invstd = torch.rsqrt(running_var.to(work) + ctx.eps)
         grads = _grads(ctx, grad_y, x, weight, running_mean.to(work), invstd, False)

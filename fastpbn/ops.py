@@ -194,11 +194,11 @@ def batch_norm_train(
         momentum = float(momentum)
     acc = (None, None, None)
     compiling = _function.through_ops()
-    # an eager forward run inside a backward (activation checkpointing recomputing it) takes
-    # the path it took the first time, without merging the batch a second time (the running
-    # statistics do update twice, as stock's)
-    merge = not (accumulator is not None and not compiling and _graph_task_id() != -1)
-    if accumulator is not None and input.numel() > 0 and merge:  # (an empty batch adds nothing)
+    # an empty batch adds nothing; an eager forward run inside a backward (activation
+    # checkpointing recomputing it) takes the path it took the first time, without merging
+    # the batch a second time (the running statistics do update twice, as stock's)
+    if (accumulator is not None and input.numel() > 0
+            and (compiling or _graph_task_id() == -1)):
         try:
             accumulator._check_input(input)
         except (TypeError, ValueError) as e:
