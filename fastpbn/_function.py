@@ -191,10 +191,7 @@ class BatchNormTrain(torch.autograd.Function):
         # and its fake
         args = (x, weight, bias, running_mean, running_var, num_batches_tracked, momentum, eps,
                 acc_count, acc_mean, acc_m2)
-        if through_ops():
-            y, mean, invstd = _train_op(*args)
-        else:
-            y, mean, invstd = _train_impl(*args, backend=backend)
+        y, mean, invstd = batch_norm_train_no_grad(*args, backend=backend)
         ctx.backend = backend
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.mark_non_differentiable(mean, invstd)
@@ -237,8 +234,9 @@ class BatchNormEval(torch.autograd.Function):
 
 
 def batch_norm_train_no_grad(*args, backend=None):
-    """Training forward without an autograd node (nothing requires grad): the custom op while
-    compiling, else a direct call on ``backend`` (resolved here when None)."""
+    """Training forward without an autograd node of its own (nothing requires grad, or inside
+    ``BatchNormTrain.forward``): the custom op while compiling, else a direct call on
+    ``backend`` (resolved here when None)."""
     if through_ops():
         return _train_op(*args)
     return _train_impl(*args, backend=backend)

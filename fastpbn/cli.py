@@ -90,9 +90,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         return info()
     if args.command == "demo":
-        if importlib.util.find_spec("fastpbn.demo") is None:
-            print("the demo is not implemented yet; environment:")
-            return info()
         from .demo import main as demo_main
 
         return demo_main(rest)

@@ -55,7 +55,7 @@ class WelfordState:
     def var(self, unbiased: bool = True) -> Tensor:
         """Per-channel variance: M2/(n-1) if unbiased else M2/n (NaN where undefined)."""
         denom = self.count - 1 if unbiased else self.count
-        return self.m2 / denom.clamp_min(0).where(denom > 0, torch.nan)
+        return self.m2 / denom.where(denom > 0, torch.nan)
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):

@@ -163,8 +163,6 @@ def _run(args, device: torch.device, preset: str, cfg: dict, out_dir: str,
 
     result["runtime_s"] = time.perf_counter() - t_start
     result["loadavg_end"] = _loadavg()
-    if recompute._precise() is None and rsetups:
-        result["skipped"].append("fastpbn recompute rows: fastpbn.precise is not available")
     if importlib.util.find_spec("fvcore") is None and rsetups:
         result["skipped"].append("fvcore baseline: fvcore is not installed")
     paths = [report.write_json(result, out_dir), report.write_markdown(result, out_dir)]

@@ -21,7 +21,6 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
-import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Callable, Optional
@@ -30,7 +29,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .. import models
+from .. import models, precise
 from ..reference import batch_stats_reference
 from .timing import _quantiles, wall_time
 
@@ -219,38 +218,35 @@ class Method:
 
 
 def methods(device: torch.device, batch: int) -> dict[str, Method]:
-    """The methods by name; fastpbn's come from ``fastpbn.precise`` when it is importable,
-    fvcore's when fvcore is installed."""
+    """The methods by name; fvcore's when fvcore is installed."""
+    from ..modules import convert_model
+
     out: dict[str, Method] = {}
-    precise = _precise()
-    if precise is not None:
-        from ..modules import convert_model
 
-        def ours(model, data, **kw):
-            precise.recompute_bn_stats(model, data, num_samples=sum(len(b) for b in data), **kw)
+    def ours(model, data, **kw):
+        precise.recompute_bn_stats(model, data, num_samples=sum(len(b) for b in data), **kw)
 
-        out["fastpbn"] = Method(ours)
-        # the same statistics path as stock layers (which borrow FastPreciseBN's forward in
-        # the pass): what, if anything, converting costs
-        out["fastpbn-converted"] = Method(ours, prep=convert_model)
-        if device.type == "cuda" and "cuda_graph" in inspect.signature(
-                precise.recompute_bn_stats).parameters:
-            out["fastpbn+cuda_graph"] = Method(lambda m, d: ours(m, d, cuda_graph=True),
-                                               hookable=False)
-        # the throughput features, one at a time (rows of their own)
-        out["fastpbn(stop_early=True)"] = Method(lambda m, d: ours(m, d, stop_early=True))
-        if device.type == "cuda":  # copies overlapped with the forward (pinned) or not
-            out["fastpbn(pinned host batches)"] = Method(
-                lambda m, d: ours(m, d, device=device),
-                data=lambda batches: [b.cpu().pin_memory() for b in batches])
-            out["fastpbn(pageable host batches)"] = Method(
-                lambda m, d: ours(m, d, device=device),
-                data=lambda batches: [b.cpu() for b in batches])
-        big = 4 * batch
-        out[f"fastpbn(batch_size={big})"] = Method(lambda m, d: ours(m, d, batch_size=big), big)
-        out["fastpbn.update_bn_stats"] = Method(
-            lambda m, d: precise.update_bn_stats(m, d, num_iters=len(d)), prep=_train,
-            biased=True)
+    out["fastpbn"] = Method(ours)
+    # the same statistics path as stock layers (which borrow FastPreciseBN's forward in
+    # the pass): what, if anything, converting costs
+    out["fastpbn-converted"] = Method(ours, prep=convert_model)
+    if device.type == "cuda":
+        out["fastpbn+cuda_graph"] = Method(lambda m, d: ours(m, d, cuda_graph=True),
+                                           hookable=False)
+    # the throughput features, one at a time (rows of their own)
+    out["fastpbn(stop_early=True)"] = Method(lambda m, d: ours(m, d, stop_early=True))
+    if device.type == "cuda":  # copies overlapped with the forward (pinned) or not
+        out["fastpbn(pinned host batches)"] = Method(
+            lambda m, d: ours(m, d, device=device),
+            data=lambda batches: [b.cpu().pin_memory() for b in batches])
+        out["fastpbn(pageable host batches)"] = Method(
+            lambda m, d: ours(m, d, device=device),
+            data=lambda batches: [b.cpu() for b in batches])
+    big = 4 * batch
+    out[f"fastpbn(batch_size={big})"] = Method(lambda m, d: ours(m, d, batch_size=big), big)
+    out["fastpbn.update_bn_stats"] = Method(
+        lambda m, d: precise.update_bn_stats(m, d, num_iters=len(d)), prep=_train,
+        biased=True)
     if importlib.util.find_spec("fvcore") is not None:
         import fvcore.nn
 
@@ -259,16 +255,6 @@ def methods(device: torch.device, batch: int) -> dict[str, Method]:
                                prep=_train, biased=True)
     out["torch-swa-update_bn"] = Method(lambda m, d: torch.optim.swa_utils.update_bn(d, m))
     return out
-
-
-def _precise():
-    """``fastpbn.precise`` when it provides the recompute API, else None."""
-    if importlib.util.find_spec("fastpbn.precise") is None:
-        return None
-    from .. import precise
-
-    ok = all(hasattr(precise, n) for n in ("recompute_bn_stats", "update_bn_stats"))
-    return precise if ok else None
 
 
 def _train(model: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 from collections import defaultdict
 from typing import Optional
 
@@ -39,10 +40,9 @@ def summary(records: list[dict]) -> list[dict]:
                 r["speedup"])
     rows = []
     for (pass_, mode, base, dtype, graph), s in sorted(groups.items()):
-        s = sorted(s)
-        median = s[len(s) // 2] if len(s) % 2 else (s[len(s) // 2 - 1] + s[len(s) // 2]) / 2
         rows.append({"pass": pass_, "mode": mode, "baseline": base, "dtype": dtype,
-                     "graph": graph, "n": len(s), "median": median, "min": s[0]})
+                     "graph": graph, "n": len(s), "median": statistics.median(s),
+                     "min": min(s)})
     return rows
 
 
@@ -53,13 +53,13 @@ def targets(records: list[dict]) -> list[dict]:
     stats >= 90 % of copy bandwidth on tensors of >= 64 MB; recompute >= 1.5x fvcore on
     ResNet-50 and >= 3x on the small CNN with CUDA graphs.
     """
+    def median(v):
+        return statistics.median(v) if v else None
+
     def speedups(base):
         return sorted(r["speedup"] for r in records if r["bench"] == "batch_norm" and
                       r["pass"] == "forward_backward" and r["mode"] == "train" and
                       r["baseline"] == base and not r["graph"])
-
-    def median(v):
-        return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2 if v else None
 
     eager, comp = speedups("torch-eager"), speedups("torch-compile")
     big = [r["pct_copy"] for r in records if r["bench"] == "batch_norm" and
@@ -285,5 +285,4 @@ def roofline_markdown() -> str:
                      ("stats", "forward", "backward", "forward_backward"))])
     header = ["shape", *(f"{p} {d}" for d in ("fp32", "bf16/fp16")
                          for p in ("stats", "fwd", "bwd", "fwd+bwd"))]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows]) + "\n"
+    return "\n".join(_table(header, rows)) + "\n"

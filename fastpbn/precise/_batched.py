@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .._torch_ops import batch_norm_train, chan_merge_, mean_dwarfs_std, moments64
-from ..ops import _verify_batch_size
+from ..ops import _needs_autograd, _verify_batch_size
 from ..stats import WelfordState
 
 
@@ -99,8 +99,7 @@ class FlatStats:
             # a forward that differentiates (an energy model's -dE/dx under enable_grad): the
             # statistics come from the detached tensors (batch_norm_train writes into
             # out= buffers, which autograd refuses), the output from PyTorch's kernel
-            grad = torch.is_grad_enabled() and any(
-                t is not None and t.requires_grad for t in (x, weight, bias))
+            grad = _needs_autograd(x, weight, bias)
             with torch.no_grad():
                 shift = self.shift[slot]
                 y = batch_norm_train(x, weight, bias, module.eps, pivot, mean_s, var,

@@ -6,7 +6,8 @@ Statistics are gathered without writing any buffer: selected layers run with
 increment) while FastPreciseBN layers merge each batch into ``layer.accumulator`` inside their
 statistics kernel (exact stock layers borrow their forward for the pass; on the CPU fast path
 both kinds get a :class:`FlatStats` forward instead; either way the pass's forward counts the
-calls, with no module hook) and other BN layers feed a forward pre-hook. Restoring the model is
+calls, with no module hook) and other BN layers run their own ``forward`` under a measuring
+wrapper (below). Restoring the model is
 resetting a few attributes and writing back a copy of the model's buffers (which the selected
 layers leave alone, but other modules may write in ``forward``). Subclasses,
 and layers whose ``forward`` was replaced on the instance (a wrapper), keep their own
@@ -298,7 +299,7 @@ class PassState:
     def install(self, accs: list[LayerAccumulator], tracker: CallTracker) -> None:
         """Route every selected layer's batches into its accumulator."""
         flat = [i for i, ((_, m), acc) in enumerate(zip(self.layers, accs))
-                if id(m) not in self.wrapped and _flat_eligible(m, acc)
+                if id(m) not in self.wrapped and _flat_eligible(m)
                 ] if _cpu_backend_is_torch() else []
         if flat:
             self.flat = FlatStats([self.layers[i][1] for i in flat], [accs[i] for i in flat],
@@ -386,7 +387,7 @@ def _backup(b: Tensor) -> Tensor:
     return b.detach().clone()
 
 
-def _flat_eligible(m: nn.Module, acc: LayerAccumulator) -> bool:
+def _flat_eligible(m: nn.Module) -> bool:
     """The CPU fast path serves float32 CPU layers (when the torch backend serves the CPU:
     not when another backend is forced)."""
     if type(m) not in EXACT_TYPES:  # subclasses keep their own forward

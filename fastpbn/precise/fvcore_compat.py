@@ -131,7 +131,7 @@ def update_bn_stats(
     PopulationStats(dict(results)).apply(model)  # checked first, all or nothing
     with torch.no_grad():
         for (_, m), c in zip(layers, calls):
-            if m.num_batches_tracked is not None and m.track_running_stats:
+            if m.num_batches_tracked is not None:  # (selected: track_running_stats, restored)
                 m.num_batches_tracked.add_(c)
 
 
