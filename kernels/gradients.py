@@ -17,6 +17,8 @@ from .layout import (
     on_device,
     partials,
     tile_index,
+    true_sizes,
+    true_strides,
 )
 
 
@@ -35,13 +37,16 @@ def _k3_grad_stats_kernel(
     C, S, tiles_s, num_tiles, tiles_per_split, n_total, sdn, sdc, sds, sxn, sxc, sxs,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, MERGE: tl.constexpr,
     HAS_W: tl.constexpr, TRAINING: tl.constexpr, WRITE_DW: tl.constexpr,
-    WRITE_DB: tl.constexpr,
+    WRITE_DB: tl.constexpr, ALIGN: tl.constexpr, ROWS_UNIT: tl.constexpr,
 ):
     """Split reduction as in K1 (the last program merges the partials in a fixed order) of
     Σdy and Σdy·(x - mean). With x̂ = (x - mean)·invstd and a = w·invstd, it writes
     dβ = Σdy, dγ = invstd·Σdy·(x - mean) and, for training-mode dx
     dx = a·(dy - Σdy/n - x̂·Σdy·x̂/n) = a·dy + b·(x - mean) + c, the coefficients
     b = -a·invstd·dγ/n and c = -a·dβ/n."""
+    C, S = true_sizes(C, S, ALIGN, ROWS_UNIT)  # (C, S and strides come divided by ALIGN)
+    sdn, sdc, sds = true_strides(sdn, sdc, sds, ALIGN, ROWS_UNIT)
+    sxn, sxc, sxs = true_strides(sxn, sxc, sxs, ALIGN, ROWS_UNIT)
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -100,10 +105,14 @@ def _k4_grad_input_kernel(
     w_ptr,  # [C] weight (eval, HAS_W)
     C, S, tiles_s, sdn, sdc, sds, sxn, sxc, sxs, son, soc, sos,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr, HAS_W: tl.constexpr,
-    TRAINING: tl.constexpr,
+    TRAINING: tl.constexpr, ALIGN: tl.constexpr, ROWS_UNIT: tl.constexpr,
 ):
     """One tile per program: dx = a·dy + b·(x - mean) + c (training, coefficients from K3;
     centred so that shifted x loses nothing), or dx = w·invstd·dy (eval)."""
+    C, S = true_sizes(C, S, ALIGN, ROWS_UNIT)  # (C, S and strides come divided by ALIGN)
+    sdn, sdc, sds = true_strides(sdn, sdc, sds, ALIGN, ROWS_UNIT)
+    sxn, sxc, sxs = true_strides(sxn, sxc, sxs, ALIGN, ROWS_UNIT)
+    son, soc, sos = true_strides(son, soc, sos, ALIGN, ROWS_UNIT)
     t = tl.program_id(0)
     pid_c = tl.program_id(1)
     n, rows, cols, mask, cmask, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C, IDX64)
@@ -152,16 +161,19 @@ def k3_k4_backward(
             _k3_grad_stats_kernel[(p.num_cblocks, splits)](
                 grad_out, x, ws, counters, mean, invstd, w,
                 dw if dw is not None else ws, db if db is not None else ws, coef,
-                c, p.s, p.tiles_s, p.num_tiles, per_split, p.count, *p.strides[1],
-                *p.strides[0], BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
+                *p.kernel_sizes, p.tiles_s, p.num_tiles, per_split, p.count,
+                *p.kernel_strides[1], *p.kernel_strides[0],
+                BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
                 MERGE=merge_block(splits, p.block_c), HAS_W=weight is not None,
                 TRAINING=training and dx is not None,
-                WRITE_DW=dw is not None, WRITE_DB=db is not None, num_warps=NUM_WARPS,
+                WRITE_DW=dw is not None, WRITE_DB=db is not None, ALIGN=p.align,
+                ROWS_UNIT=p.rows_unit, num_warps=NUM_WARPS,
             )
         if dx is not None:
             _k4_grad_input_kernel[(p.num_tiles, p.num_cblocks)](
                 grad_out, x, dx, coef, mean, invstd, w,
-                c, p.s, p.tiles_s, *p.strides[1], *p.strides[0], *p.strides[2],
-                BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
-                HAS_W=weight is not None, TRAINING=training, num_warps=NUM_WARPS,
+                *p.kernel_sizes, p.tiles_s, *p.kernel_strides[1], *p.kernel_strides[0],
+                *p.kernel_strides[2], BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
+                HAS_W=weight is not None, TRAINING=training, ALIGN=p.align,
+                ROWS_UNIT=p.rows_unit, num_warps=NUM_WARPS,
             )

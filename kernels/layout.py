@@ -7,6 +7,14 @@ collapsible into one stride for every tensor of the call. NCHW gives (N, C, H·W
 channels_last and (N, C) give (1, C, N·H·W) with sc = 1; a transposed or sliced view usually
 still fits. A tile is ``BLOCK_R`` positions along S' of one n times ``BLOCK_C`` channels;
 ``tiles_s = cdiv(S', BLOCK_R)`` tiles per n, ``N' * tiles_s`` tiles in all.
+
+Vector loads need the compiler to know that every run along x's contiguous axis starts
+aligned, i.e. that the other strides and the contiguous axis' extent (its mask bound) share a
+power-of-two factor. Triton infers it from its own specialization of integer arguments
+(divisible by 16 or not), which misses 14x14 maps (S' = 196, stride 196: 4 | 196): their loads
+came out scalar (PTX ``ld.global.b32`` / ``.b16``). So the launchers pass those strides and that
+extent divided by their common factor ``ALIGN`` (<= 16) and the kernels multiply it back
+(:func:`true_sizes`, :func:`true_strides`): the same values, and ``v4.b32`` loads for float32.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+MAX_ALIGN = 16  # the largest common factor worth telling the compiler (16-byte vectors)
 TILE = 4096  # elements per tile: 32 fp32 registers per thread at NUM_WARPS = 4
 NUM_WARPS = 4
 MAX_BLOCK_C = 128  # channels per tile when channels are the contiguous axis
@@ -44,7 +53,11 @@ def next_pow2(n: int) -> int:
 
 @dataclass(frozen=True)
 class Plan:
-    """A call's launch geometry. ``strides[i]`` is (sn, sc, ss) of the i-th tensor."""
+    """A call's launch geometry. ``strides[i]`` is (sn, sc, ss) of the i-th tensor.
+
+    ``align`` > 1: x's positions (``rows_unit``) or channels are contiguous, and ``align``
+    divides that axis' extent and every tensor's strides along the two other axes; the kernels
+    get them divided by it (``kernel_sizes``, ``kernel_strides``; see the module docstring)."""
 
     n: int
     c: int
@@ -53,6 +66,23 @@ class Plan:
     block_r: int
     block_c: int
     idx64: bool
+    align: int = 1
+    rows_unit: bool = False
+
+    @functools.cached_property
+    def kernel_sizes(self) -> tuple[int, int]:
+        """(C, S') as the kernels take them."""
+        if self.rows_unit:
+            return self.c, self.s // self.align
+        return self.c // self.align, self.s
+
+    @functools.cached_property
+    def kernel_strides(self) -> tuple[tuple[int, int, int], ...]:
+        """``strides`` as the kernels take them."""
+        a = self.align
+        if self.rows_unit:
+            return tuple((sn // a, sc // a, ss) for sn, sc, ss in self.strides)
+        return tuple((sn // a, sc, ss // a) for sn, sc, ss in self.strides)
 
     @functools.cached_property
     def tiles_s(self) -> int:
@@ -107,7 +137,7 @@ def plan(tensors: list[Tensor]) -> Optional[Plan]:
     """Launch geometry for ``tensors`` (same shape, x first), or None (no common view).
     Cached by shapes and strides: a training loop sees the same few layouts every step."""
     key = (tensors[0].shape, *(t.stride() for t in tensors), TILE, MAX_BLOCK_C, IDX64_AT,
-           MAX_GRID_Y)
+           MAX_GRID_Y, MAX_ALIGN)
     if key not in _PLANS:
         if len(_PLANS) > 4096:
             _PLANS.clear()
@@ -140,7 +170,24 @@ def _make_plan(tensors: list[Tensor]) -> Optional[Plan]:
     max_off = max(
         (n - 1) * a + (c - 1) * b + (s - 1) * d for a, b, d in strides
     ) + 1
-    return Plan(n, c, s, tuple(strides), block_r, block_c, max_off >= IDX64_AT)
+    return Plan(n, c, s, tuple(strides), block_r, block_c, max_off >= IDX64_AT,
+                *_alignment(n, c, s, strides))
+
+
+def _alignment(n: int, c: int, s: int, strides) -> tuple[int, bool]:
+    """(align, rows_unit) of :class:`Plan`: the largest power of two <= MAX_ALIGN dividing the
+    extent of x's contiguous axis and every tensor's strides along the other two (1 when x has
+    no contiguous axis of more than one element)."""
+    sn, sc, ss = strides[0]
+    if ss == 1 and s > 1:
+        rows_unit, values = True, [s, *(t[0] for t in strides), *(t[1] for t in strides)]
+    elif sc == 1 and c > 1:
+        rows_unit, values = False, [c, *(t[0] for t in strides), *(t[2] for t in strides)]
+    else:
+        return 1, False
+    g = functools.reduce(math.gcd, values, MAX_ALIGN)  # (gcd(0, v) = v: stride 0 divides)
+    align = g & -g  # its largest power-of-two factor
+    return align, rows_unit and align > 1
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -199,6 +246,28 @@ def tile_index(t, pid_c, tiles_s, S, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.const
     cmask = cols < C
     mask = (rows < S)[:, None] & cmask[None, :]
     return n, rows, cols, mask, cmask, tl.minimum(S - r0, BLOCK_R)
+
+
+@triton.jit
+def true_sizes(C, S, ALIGN: tl.constexpr, ROWS_UNIT: tl.constexpr):
+    """(C, S') from :attr:`Plan.kernel_sizes`: the compiler sees ALIGN divide the scaled one."""
+    if ALIGN == 1:
+        return C, S
+    elif ROWS_UNIT:
+        return C, S * ALIGN
+    else:
+        return C * ALIGN, S
+
+
+@triton.jit
+def true_strides(sn, sc, ss, ALIGN: tl.constexpr, ROWS_UNIT: tl.constexpr):
+    """A tensor's (sn, sc, ss) from :attr:`Plan.kernel_strides` (see :func:`true_sizes`)."""
+    if ALIGN == 1:
+        return sn, sc, ss
+    elif ROWS_UNIT:
+        return sn * ALIGN, sc * ALIGN, ss
+    else:
+        return sn * ALIGN, sc, ss * ALIGN
 
 
 @triton.jit

@@ -6,7 +6,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .layout import NUM_WARPS, Plan, offsets, on_device, tile_index
+from .layout import NUM_WARPS, Plan, offsets, on_device, tile_index, true_sizes, true_strides
 
 
 @triton.jit
@@ -20,12 +20,16 @@ def _k2_normalize_kernel(
     C, S, tiles_s, sxn, sxc, sxs, syn, syc, sys, eps,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, IDX64: tl.constexpr,
     STAT_IS_VAR: tl.constexpr, PIVOT: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
+    ALIGN: tl.constexpr, ROWS_UNIT: tl.constexpr,
 ):
     """One tile per program: y = (x - mean)·scale + bias with scale = w·invstd and
     invstd = rsqrt(var + eps) in eval. Centred rather than x·scale + shift: with |mean| ≫ std
     the shift -mean·scale would carry an absolute rounding error of ulp(mean)·scale. In training
     (PIVOT) x - mean is taken as (x - K) - kmean with K = x[0, c, 0] and kmean from K1: both
     differences are small, so not even the float32 rounding of the mean gets in."""
+    C, S = true_sizes(C, S, ALIGN, ROWS_UNIT)  # (C, S and strides come divided by ALIGN)
+    sxn, sxc, sxs = true_strides(sxn, sxc, sxs, ALIGN, ROWS_UNIT)
+    syn, syc, sys = true_strides(syn, syc, sys, ALIGN, ROWS_UNIT)
     t = tl.program_id(0)
     pid_c = tl.program_id(1)
     n, rows, cols, mask, cmask, _ = tile_index(t, pid_c, tiles_s, S, C, BLOCK_R, BLOCK_C, IDX64)
@@ -72,8 +76,10 @@ def k2_normalize(
         _k2_normalize_kernel[(p.num_tiles, p.num_cblocks)](
             x, y, mean, stat, weight if weight is not None else mean,
             bias if bias is not None else mean,
-            p.c, p.s, p.tiles_s, *p.strides[0], *p.strides[1], float(eps or 0.0),
+            *p.kernel_sizes, p.tiles_s, *p.kernel_strides[0], *p.kernel_strides[1],
+            float(eps or 0.0),
             BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64, STAT_IS_VAR=eps is not None,
             PIVOT=eps is None,
-            HAS_W=weight is not None, HAS_B=bias is not None, num_warps=NUM_WARPS,
+            HAS_W=weight is not None, HAS_B=bias is not None, ALIGN=p.align,
+            ROWS_UNIT=p.rows_unit, num_warps=NUM_WARPS,
         )

@@ -18,6 +18,8 @@ from .layout import (
     on_device,
     partials,
     tile_index,
+    true_sizes,
+    true_strides,
 )
 
 
@@ -41,6 +43,7 @@ def _k1_stats_kernel(
     HAS_MEAN: tl.constexpr, HAS_KMEAN: tl.constexpr, HAS_INVSTD: tl.constexpr,
     HAS_VAR: tl.constexpr,
     HAS_RUNNING: tl.constexpr, MOMENTUM_FROM_NBT: tl.constexpr, HAS_ACC: tl.constexpr,
+    ALIGN: tl.constexpr, ROWS_UNIT: tl.constexpr,
 ):
     """Program (c, j) reduces tiles [j·T, (j+1)·T) of channel block c. All arithmetic is on
     x - K with K = x[0, c, 0] (exact for |x| ≫ std, so the mean keeps full precision however far
@@ -59,6 +62,8 @@ def _k1_stats_kernel(
     the float32 rounding of the mean, which would otherwise dominate y where std is within a
     few orders of magnitude of ulp(mean).
     """
+    C, S = true_sizes(C, S, ALIGN, ROWS_UNIT)  # (C, S and strides come divided by ALIGN)
+    sxn, sxc, sxs = true_strides(sxn, sxc, sxs, ALIGN, ROWS_UNIT)
     pid_c = tl.program_id(0)
     pid_s = tl.program_id(1)
     splits = tl.num_programs(1)
@@ -174,13 +179,13 @@ def k1_stats(
             dummy if invstd is None else invstd,
             dummy if var is None else var, rm, rv,
             num_batches_tracked if from_nbt else counters, acc_n, acc_m, acc_m2,
-            c, p.s, p.tiles_s, p.num_tiles, per_split, p.count, *p.strides[0],
+            *p.kernel_sizes, p.tiles_s, p.num_tiles, per_split, p.count, *p.kernel_strides[0],
             float(momentum or 0.0), float(eps),
             BLOCK_R=p.block_r, BLOCK_C=p.block_c, IDX64=p.idx64,
             MERGE=merge_block(splits, p.block_c), HAS_MEAN=mean is not None,
             HAS_KMEAN=kmean is not None,
             HAS_INVSTD=invstd is not None, HAS_VAR=var is not None,
             HAS_RUNNING=running is not None, MOMENTUM_FROM_NBT=from_nbt,
-            HAS_ACC=acc is not None, num_warps=NUM_WARPS,
+            HAS_ACC=acc is not None, ALIGN=p.align, ROWS_UNIT=p.rows_unit, num_warps=NUM_WARPS,
         )
 

@@ -126,6 +126,78 @@ def test_layout_views():
     assert (p.block_c, p.idx64) == (8, False) and p.block_r * p.block_c <= layout.TILE
 
 
+@pytest.mark.parametrize("shape, channels_last, align, rows_unit", [
+    ((4, 6, 5, 7), False, 1, False),  # S' = 35: nothing to tell
+    ((4, 6, 14, 14), False, 4, True),  # S' = 196
+    ((2, 3, 2, 4), False, 8, True),
+    ((2, 3, 4, 4), False, 16, True),
+    ((2, 3, 8, 8), False, 16, True),  # capped at MAX_ALIGN
+    ((4, 6, 5, 7), True, 2, False),  # 6 contiguous channels
+    ((3, 8, 3, 5), True, 8, False),
+    ((2, 16, 2, 3), True, 16, False),
+    ((9, 12), False, 4, False),  # BatchNorm1d (N, C): channels contiguous
+    ((4, 3, 1, 1), False, 1, False),  # one value per (n, c): no contiguous axis
+])
+def test_plan_alignment(shape, channels_last, align, rows_unit):
+    """ALIGN: the largest power of two (<= 16) dividing the contiguous axis' extent and the
+    other strides of every tensor of the call; the kernels' sizes and strides times it are the
+    true ones. A stride-0 gradient divides by anything."""
+    x = torch.empty(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    for tensors in ([x], [x, torch.ones(()).expand(shape)]):
+        p = layout.plan(tensors)
+        assert (p.align, p.rows_unit) == (align, rows_unit)
+        (c, s), a = p.kernel_sizes, p.align
+        assert (c, s * a) == (p.c, p.s) if rows_unit else (c * a, s) == (p.c, p.s)
+        for (sn, sc, ss), true in zip(p.kernel_strides, p.strides):
+            assert (sn * a, sc * a, ss) == true if rows_unit else (sn * a, sc, ss * a) == true
+
+
+def test_alignment_of_the_whole_call():
+    """Another tensor's strides bound ALIGN too: a gradient whose samples lie 50 values apart
+    leaves 2 of x's 16; the backward reads it right."""
+    x = shifted((2, 3, 4, 4))
+    g = (torch.randn(200, device=DEVICE) + 1).as_strided((2, 3, 4, 4), (50, 16, 4, 1))
+    assert layout.plan([x]).align == 16 and layout.plan([x, g]).align == 2
+    w, b, rm, rv = params(3)
+    _, mean, invstd = K.forward_train(x, w, b, None, None, None, 0.1, 1e-5, None)
+    stock = torch.ops.aten.native_batch_norm_backward(
+        g.contiguous(), x, w, None, None, mean, invstd, True, 1e-5, [True] * 3)
+    ref = grads_reference(x, w, b, None, True, g.contiguous())
+    for what, ours, st_, r in zip(("dx", "dw", "db"), K.backward(g, x, w, mean, invstd, True,
+                                                                 (True, True, True)), stock, ref):
+        check(what, ours, st_, r, torch.float32, dx_scale(w, invstd, g) if what == "dx" else None)
+
+
+@pytest.mark.parametrize("shape, channels_last", [
+    ((2, 3, 2, 4), False), ((2, 3, 4, 4), False), ((3, 8, 3, 5), True),
+    ((2, 16, 2, 3), True), ((9, 12), False), ((3, 5, 14, 14), False)])
+def test_aligned_layouts(shape, channels_last):
+    """Forward and backward against the reference on layouts with ALIGN 4 to 16, both axes."""
+    x = shifted(shape)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    assert layout.plan([x]).align >= 4
+    c = shape[1]
+    w, b, rm, rv = params(c)
+    g = torch.randn_like(x) + 1
+    y, mean, invstd = K.forward_train(x, w, b, None, None, None, 0.1, 1e-5, None)
+    ys, mean_s, invstd_s = torch.ops.aten.native_batch_norm(x, w, b, None, None, True, 0.0, 1e-5)
+    yr, _, invstd_r, _, _ = ref_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
+    check("y", y, ys, yr, torch.float32)
+    check("invstd", invstd, invstd_s, invstd_r, torch.float32)
+    stock = torch.ops.aten.native_batch_norm_backward(
+        g, x, w, None, None, mean, invstd, True, 1e-5, [True] * 3)
+    ref = grads_reference(x, w, b, None, True, g)
+    for what, ours, st_, r in zip(("dx", "dw", "db"), K.backward(g, x, w, mean, invstd, True,
+                                                                 (True, True, True)), stock, ref):
+        check(what, ours, st_, r, torch.float32, dx_scale(w, invstd, g) if what == "dx" else None)
+    ye = K.forward_eval(x, w, b, rm, rv, 1e-5)
+    check("eval y", ye, torch.ops.aten.native_batch_norm(x, w, b, rm, rv, False, 0.0, 1e-5)[0],
+          batch_norm_reference(x, rm, rv, w, b, False, 0.1, 1e-5)[0], torch.float32)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_forward_train(name, dtype):
@@ -553,62 +625,48 @@ def test_random_shapes_and_strides(shape, perm_seed, step, training):
         check(what, ours, st_, r, torch.float32, scale)
 
 
-COMPILE_FOR_GPU = """
-import itertools, sys
-import triton
-from triton.backends.compiler import GPUTarget
-from fastpbn.kernels import gradients, normalize, stats
+def _aot(mode: str) -> str:
+    """stdout of ``tests/aot_compile.py mode``, in a process without the interpreter; skips
+    where this triton has no ahead-of-time compile API."""
+    import os
+    import subprocess
+    import sys
 
-def compile_(fn, consts, types, cap):
-    sig = {}
-    for name in fn.arg_names:
-        if name in consts:
-            sig[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            sig[name] = types.get(name, "*fp32")
-        else:
-            sig[name] = "fp32" if name in ("momentum", "eps") else types.get(name, "i32")
-    src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
-    triton.compile(src, target=GPUTarget("cuda", cap, 32), options={"num_warps": 4})
-
-x16 = {"x_ptr": "*bf16", "dy_ptr": "*bf16", "y_ptr": "*bf16", "dx_ptr": "*bf16", "w_ptr": "*bf16"}
-for cap, (dt, idx64) in itertools.product((80, 90), [({}, False), (x16, True)]):
-    types = dict(dt, counter_ptr="*i32", nbt_ptr="*i64", acc_n_ptr="*fp64",
-                 acc_mean_ptr="*fp64", acc_m2_ptr="*fp64", n_total="i64" if idx64 else "i32")
-    for flags in ((False, False), (True, True), (idx64, not idx64)):
-        compile_(stats._k1_stats_kernel, dict(
-            BLOCK_R=1024, BLOCK_C=4, IDX64=idx64, MERGE=256, HAS_MEAN=True, HAS_KMEAN=flags[0],
-            HAS_INVSTD=flags[0], HAS_VAR=not flags[0], HAS_RUNNING=flags[1],
-            MOMENTUM_FROM_NBT=flags[0], HAS_ACC=flags[1]), types, cap)
-        compile_(normalize._k2_normalize_kernel, dict(
-            BLOCK_R=32, BLOCK_C=128, IDX64=idx64, STAT_IS_VAR=not flags[0], PIVOT=flags[0],
-            HAS_W=flags[1], HAS_B=flags[1]), types, cap)
-        compile_(gradients._k3_grad_stats_kernel, dict(
-            BLOCK_R=64, BLOCK_C=64, IDX64=idx64, MERGE=32, HAS_W=flags[1], TRAINING=flags[0],
-            WRITE_DW=flags[1], WRITE_DB=True), types, cap)
-        compile_(gradients._k4_grad_input_kernel, dict(
-            BLOCK_R=4096, BLOCK_C=1, IDX64=idx64, HAS_W=flags[1], TRAINING=flags[0]),
-            types, cap)
-print("compiled")
-"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "aot_compile.py")
+    out = subprocess.run([sys.executable, script, mode], env=env, capture_output=True,
+                         text=True, timeout=600)
+    if ("has no attribute 'ASTSource'" in out.stderr  # (triton < 3.2: another signature)
+            or "unexpected keyword argument 'constexprs'" in out.stderr
+            or "No module named 'triton." in out.stderr):  # not fastpbn's own modules
+        pytest.skip("this triton has no ahead-of-time compile API")
+    assert out.returncode == 0, out.stderr[-3000:]
+    return out.stdout
 
 
 @pytest.mark.slow
 def test_kernels_compile_for_gpu():
     """The interpreter is lenient (types across branches, scalar atomics): compile every
     kernel variant for sm_80 and sm_90 with Triton's bundled ptxas, no GPU needed."""
-    import os
-    import subprocess
-    import sys
+    assert "compiled" in _aot("variants")
 
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", COMPILE_FOR_GPU], env=env, capture_output=True,
-                         text=True, timeout=600)
-    if ("has no attribute 'ASTSource'" in out.stderr  # (triton < 3.2: another signature)
-            or "unexpected keyword argument 'constexprs'" in out.stderr
-            or "No module named 'triton." in out.stderr):  # not fastpbn's own modules
-        pytest.skip("this triton has no ahead-of-time compile API")
-    assert out.returncode == 0 and "compiled" in out.stdout, out.stderr[-3000:]
+
+@pytest.mark.slow
+def test_kernels_vectorize_layouts_aligned_below_16():
+    """Triton learns an integer argument's alignment only as "divisible by 16": without
+    ALIGN (layout.py), an NCHW 14x14 map (row stride 196) or 12 contiguous channels compile
+    to scalar loads and stores of every element. With it, the tiles move in vectors as wide as
+    the layout allows (4 elements: 16 bytes in float32, 8 in bfloat16), in all four kernels
+    (PTX for sm_90)."""
+    import json
+
+    rows = [json.loads(line) for line in _aot("vectors").splitlines() if line.startswith("{")]
+    assert len(rows) == 12
+    for r in rows:
+        vector = ".v4.b32" if r["dtype"] == "fp32" else ".v2.b32"  # 4 elements
+        assert r["align"] == 4 and r["loads"] == [vector], r
+        if r["kernel"] in ("K2", "K4"):  # y, dx
+            assert r["stores"] == [vector], r
 
 
 # --- GPU: compiled kernels on the benchmark shapes (BENCH.md) -------------------------------
