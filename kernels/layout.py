@@ -170,14 +170,17 @@ def _make_plan(tensors: list[Tensor]) -> Optional[Plan]:
     max_off = max(
         (n - 1) * a + (c - 1) * b + (s - 1) * d for a, b, d in strides
     ) + 1
-    return Plan(n, c, s, tuple(strides), block_r, block_c, max_off >= IDX64_AT,
-                *_alignment(n, c, s, strides))
+    idx64 = max_off >= IDX64_AT
+    return Plan(n, c, s, tuple(strides), block_r, block_c, idx64,
+                *(_alignment(c, s, strides) if not idx64 else (1, False)))
 
 
-def _alignment(n: int, c: int, s: int, strides) -> tuple[int, bool]:
+def _alignment(c: int, s: int, strides) -> tuple[int, bool]:
     """(align, rows_unit) of :class:`Plan`: the largest power of two <= MAX_ALIGN dividing the
     extent of x's contiguous axis and every tensor's strides along the other two (1 when x has
-    no contiguous axis of more than one element)."""
+    no contiguous axis of more than one element). Only for 32-bit offsets: a value of 2^31 or
+    more, which Triton passes as int64, could come down to an int32 argument once divided,
+    and its product with ALIGN overflow."""
     sn, sc, ss = strides[0]
     if ss == 1 and s > 1:
         rows_unit, values = True, [s, *(t[0] for t in strides), *(t[1] for t in strides)]

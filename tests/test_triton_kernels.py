@@ -137,15 +137,16 @@ def test_layout_views():
     ((2, 16, 2, 3), True, 16, False),
     ((9, 12), False, 4, False),  # BatchNorm1d (N, C): channels contiguous
     ((4, 3, 1, 1), False, 1, False),  # one value per (n, c): no contiguous axis
+    ((1, 2, 2**20, 2**10), True, 1, False),  # int64 offsets: none (see layout._alignment)
 ])
 def test_plan_alignment(shape, channels_last, align, rows_unit):
     """ALIGN: the largest power of two (<= 16) dividing the contiguous axis' extent and the
     other strides of every tensor of the call; the kernels' sizes and strides times it are the
     true ones. A stride-0 gradient divides by anything."""
-    x = torch.empty(shape)
+    x = torch.empty(shape, device="meta")  # (layouts only)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    for tensors in ([x], [x, torch.ones(()).expand(shape)]):
+    for tensors in ([x], [x, torch.ones((), device="meta").expand(shape)]):
         p = layout.plan(tensors)
         assert (p.align, p.rows_unit) == (align, rows_unit)
         (c, s), a = p.kernel_sizes, p.align
