@@ -457,6 +457,51 @@ def exported_forward_train(
     return y
 
 
+def compiled_forward_train(
+    x: Tensor,
+    weight: Optional[Tensor],
+    bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    num_batches_tracked: Optional[Tensor],
+    momentum: Optional[float],
+    eps: float,
+) -> Tensor:
+    """The training forward as PyTorch ops, for a graph being compiled (and fake tensors):
+    the compiler fuses them with their neighbours and differentiates them itself, where
+    fastpbn's custom op would be an opaque call with a Python autograd node around it. Centred
+    as the backends are: d = x − K with K = x[0, c, 0...] (exact for |x| ≫ std), then
+    ``var_mean`` of d, y = (d − mean(d))·w/sqrt(var + eps) + b, in float32 (float64 for float64
+    x). The running statistics as PyTorch's kernel updates them (the unbiased variance), the
+    factor ``momentum`` or 1/num_batches_tracked (a tensor: read on the device)."""
+    if x.numel() == 0:  # PyTorch's op: an empty output with gradients, no statistic touched
+        return native_forward_train(x, weight, bias, None, None, None, 0.0, eps)
+    work, dims = stats_dtype(x), _reduce_dims(x)
+    pivot = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].to(work)  # y does not move with K
+    d = x.to(work) - _channel_view(pivot, x)
+    var, mean_d = torch.var_mean(d, dims, correction=0)
+    scale = torch.rsqrt(var + eps)
+    if weight is not None:
+        scale = scale * weight.to(work)
+    y = (d - _channel_view(mean_d, x)) * _channel_view(scale, x)
+    if bias is not None:
+        y = y + _channel_view(bias.to(work), x)
+    if running_mean is not None:
+        n = x.numel() // x.shape[1]
+        with torch.no_grad():
+            if momentum is not None:
+                f = momentum
+            elif num_batches_tracked is not None:
+                f = num_batches_tracked.double().reciprocal().to(work)
+            else:
+                f = 0.0
+            for buf, batch in ((running_mean, pivot + mean_d.detach()),
+                               (running_var, var.detach() * (n / (n - 1)))):
+                # as _update_running_: in the statistics' dtype, rounded once into the buffer
+                buf.copy_(batch * f + buf.to(work) * (1 - f))
+    return _in_output_layout(y.to(x.dtype), x)
+
+
 def forward_eval(
     x: Tensor,
     weight: Optional[Tensor],

@@ -23,8 +23,9 @@ Under TorchScript (``torch.jit.script``), ``torch.jit.trace``, ``torch.func`` tr
 forward-mode AD the layers run PyTorch's own kernel, with stock semantics (those tools record or
 transform PyTorch's ops only; an ``accumulator`` is refused there). ``torch.fx.symbolic_trace``
 records a layer as one module call, as it records a stock BN layer (a leaf): the graph runs the
-layer itself, in the mode it is in at run time. ``torch.compile`` traces fastpbn's custom op in
-training and PyTorch's own op in eval (see ``fastpbn.ops.batch_norm``); ``torch.export``
+layer itself, in the mode it is in at run time. ``torch.compile`` traces fastpbn's centred
+computation as PyTorch's ops in training (fastpbn's custom op with an ``accumulator`` or a
+backend named explicitly) and PyTorch's own op in eval (see ``fastpbn.ops``); ``torch.export``
 (torch >= 2.13) PyTorch's own ops in both, so that an exported program trains (with an
 ``accumulator``: fastpbn's op, and only without autograd). An eager forward run inside a
 backward (activation checkpointing's rerun) merges nothing into the accumulator.

@@ -113,7 +113,7 @@ def _stock_only(x: Tensor, *params: Optional[Tensor]) -> bool:
 # either layout); channels_last training stays with stock (0.5-1.0x at 200 MB). Never handed
 # off: calls with an accumulator (statistics fused into the pass), momentum=None (fastpbn reads
 # 1/num_batches_tracked on the device; stock synchronizes), a backend named by set_backend /
-# FASTPBN_BACKEND, and compiled graphs (the custom ops). Tests set it to False.
+# FASTPBN_BACKEND, and compiled graphs (fastpbn's computation, traced). Tests set it to False.
 STOCK_EAGER_ON_CUDA = True
 _OWN_MIN_PER_CHANNEL = 1 << 19  # contiguous inputs: fastpbn's kernels from this many per channel
 _OWN_MIN_EVAL_NUMEL = 1 << 25  # eval without autograd: fastpbn's kernel from this many values
@@ -141,8 +141,9 @@ def _stock_serves(x: Tensor, training: bool, weight: Optional[Tensor], bias: Opt
 
 # Exports record PyTorch's training op on torch >= 2.13: before it (pytorch#176347), dynamo
 # folds torch.compiler.is_exporting() to True under torch.compile too, which would take
-# every compiled training graph off fastpbn's op. Older exports record fastpbn's op, which an
-# exported program cannot differentiate.
+# every compiled training graph off fastpbn's path. Older exports take torch.compile's path:
+# the traced computation under ``auto``, else fastpbn's op, which an exported program cannot
+# differentiate.
 _is_exporting = torch.compiler.is_exporting if _function.TORCH_2_13 else lambda: False
 # torch >= 2.1: the id of the backward pass running in this thread, -1 outside one
 _graph_task_id = getattr(torch._C, "_current_graph_task_id", lambda: -1)
@@ -230,7 +231,12 @@ def batch_norm_train(
                            "accumulating op; export under torch.no_grad() to gather "
                            "statistics, or without the accumulator to train")
     exported = exported and accumulator is None
-    native = handed_off or stock_only or exported or (
+    # under ``auto``, a compiled graph without an accumulator records fastpbn's centred
+    # computation as PyTorch's ops, which the compiler fuses with its neighbours (and
+    # differentiates); with one, or a backend named, fastpbn's op (the backend's kernels)
+    traced = (compiling and accumulator is None and not (exported or stock_only)
+              and requested_backend() == "auto")
+    native = handed_off or stock_only or exported or traced or (
         backend is not None and accumulator is None and backend.name == "torch"
         and backend.native_train(input, weight, bias, running_mean, running_var))
     grad = not native and _needs_autograd(input, weight, bias)
@@ -248,6 +254,8 @@ def batch_norm_train(
         num_batches_tracked.add_(1)
     if exported:
         return _torch_ops.exported_forward_train(*args[:8])
+    if traced:
+        return _torch_ops.compiled_forward_train(*args[:8])
     if native:
         return _torch_ops.native_forward_train(*args[:8])
     if grad:
