@@ -78,11 +78,16 @@ class Plan:
 
     @functools.cached_property
     def kernel_strides(self) -> tuple[tuple[int, int, int], ...]:
-        """``strides`` as the kernels take them."""
+        """``strides`` as the kernels take them (with ALIGN, 0 along an axis of one element,
+        whose index is always 0)."""
         a = self.align
+        if a == 1:
+            return self.strides
+        keep = [size > 1 for size in (self.n, self.c, self.s)]
+        strides = [tuple(v if k else 0 for v, k in zip(t, keep)) for t in self.strides]
         if self.rows_unit:
-            return tuple((sn // a, sc // a, ss) for sn, sc, ss in self.strides)
-        return tuple((sn // a, sc, ss // a) for sn, sc, ss in self.strides)
+            return tuple((sn // a, sc // a, ss) for sn, sc, ss in strides)
+        return tuple((sn // a, sc, ss // a) for sn, sc, ss in strides)
 
     @functools.cached_property
     def tiles_s(self) -> int:
@@ -172,24 +177,35 @@ def _make_plan(tensors: list[Tensor]) -> Optional[Plan]:
     ) + 1
     idx64 = max_off >= IDX64_AT
     return Plan(n, c, s, tuple(strides), block_r, block_c, idx64,
-                *(_alignment(c, s, strides) if not idx64 else (1, False)))
+                *(_alignment(n, c, s, strides) if not idx64 else (1, False)))
 
 
-def _alignment(c: int, s: int, strides) -> tuple[int, bool]:
+def _twos(v: int) -> int:
+    """The exponent of 2 in v (0 divides by any power)."""
+    return (v & -v).bit_length() - 1 if v else 64
+
+
+def _alignment(n: int, c: int, s: int, strides) -> tuple[int, bool]:
     """(align, rows_unit) of :class:`Plan`: the largest power of two <= MAX_ALIGN dividing the
-    extent of x's contiguous axis and every tensor's strides along the other two (1 when x has
-    no contiguous axis of more than one element). Only for 32-bit offsets: a value of 2^31 or
-    more, which Triton passes as int64, could come down to an int32 argument once divided,
-    and its product with ALIGN overflow."""
+    extent of x's contiguous axis and every tensor's strides along the other two (those of
+    more than one element), 1 when x has no contiguous axis of more than one element. Never
+    less than Triton saw before the division: a value divisible by 16 whose quotient is not
+    (48 / 2, where another tensor's odd stride bounds ALIGN at 2) would narrow that tensor's
+    vectors, so then ALIGN drops until none is. Only for 32-bit offsets (see
+    :func:`_make_plan`): a value of 2^31 or more, which Triton passes as int64, could come
+    down to an int32 argument once divided, and its product with ALIGN overflow."""
     sn, sc, ss = strides[0]
     if ss == 1 and s > 1:
-        rows_unit, values = True, [s, *(t[0] for t in strides), *(t[1] for t in strides)]
+        rows_unit, extent, axes = True, s, ((0, n), (1, c))
     elif sc == 1 and c > 1:
-        rows_unit, values = False, [c, *(t[0] for t in strides), *(t[2] for t in strides)]
+        rows_unit, extent, axes = False, c, ((0, n), (2, s))
     else:
         return 1, False
+    values = [extent, *(t[i] for t in strides for i, size in axes if size > 1)]
     g = functools.reduce(math.gcd, values, MAX_ALIGN)  # (gcd(0, v) = v: stride 0 divides)
     align = g & -g  # its largest power-of-two factor
+    while 1 < align < MAX_ALIGN and any(4 <= _twos(v) < 4 + _twos(align) for v in values):
+        align //= 2
     return align, rows_unit and align > 1
 
 

@@ -138,6 +138,8 @@ def test_layout_views():
     ((9, 12), False, 4, False),  # BatchNorm1d (N, C): channels contiguous
     ((4, 3, 1, 1), False, 1, False),  # one value per (n, c): no contiguous axis
     ((1, 2, 2**20, 2**10), True, 1, False),  # int64 offsets: none (see layout._alignment)
+    ((8, 1, 14, 14), True, 16, True),  # one channel: one run of 1568, its stride does not count
+    ((8, 1, 14, 14), False, 16, True),
 ])
 def test_plan_alignment(shape, channels_last, align, rows_unit):
     """ALIGN: the largest power of two (<= 16) dividing the contiguous axis' extent and the
@@ -151,17 +153,29 @@ def test_plan_alignment(shape, channels_last, align, rows_unit):
         assert (p.align, p.rows_unit) == (align, rows_unit)
         (c, s), a = p.kernel_sizes, p.align
         assert (c, s * a) == (p.c, p.s) if rows_unit else (c * a, s) == (p.c, p.s)
+        live = [size > 1 for size in (p.n, p.c, p.s)]  # (an axis of one element: stride 0)
         for (sn, sc, ss), true in zip(p.kernel_strides, p.strides):
-            assert (sn * a, sc * a, ss) == true if rows_unit else (sn * a, sc, ss * a) == true
+            scaled = (sn * a, sc * a, ss) if rows_unit else (sn * a, sc, ss * a)
+            assert all(v == t or (not k and v == 0) for v, t, k in zip(scaled, true, live))
 
 
 def test_alignment_of_the_whole_call():
-    """Another tensor's strides bound ALIGN too: a gradient whose samples lie 50 values apart
-    leaves 2 of x's 16; the backward reads it right."""
-    x = shifted((2, 3, 4, 4))
-    g = (torch.randn(200, device=DEVICE) + 1).as_strided((2, 3, 4, 4), (50, 16, 4, 1))
-    assert layout.plan([x]).align == 16 and layout.plan([x, g]).align == 2
+    """Another tensor's strides bound ALIGN too: a gradient whose samples lie 590 values apart
+    leaves 2 of a 14x14 map's 4, and the backward reads it right. Where dividing would hide a
+    factor of 16 that Triton saw (x's 16s against a gradient 50 apart: ALIGN 2 would leave
+    x's loads knowing 2), ALIGN stays 1."""
     w, b, rm, rv = params(3)
+    x = shifted((2, 3, 4, 4))
+    g = torch.randn(200, device=DEVICE).as_strided((2, 3, 4, 4), (50, 16, 4, 1))
+    assert layout.plan([x]).align == 16 and layout.plan([x, g]).align == 1
+    crop = torch.empty(8, 64, 50, device="meta")[..., 1:-1]  # y contiguous: 48s against 50s
+    assert layout.plan([crop, torch.empty(8, 64, 48, device="meta")]).align == 1
+    one = torch.empty_strided((2, 1, 16), (16, 2**31, 1), device="meta")  # C = 1: sc unused
+    p = layout.plan([one])
+    assert (p.align, p.idx64, p.kernel_strides) == (16, False, ((0, 0, 1),))  # (one run of 32)
+    x = shifted((2, 3, 14, 14))
+    g = (torch.randn(1180, device=DEVICE) + 1).as_strided((2, 3, 14, 14), (590, 196, 14, 1))
+    assert layout.plan([x]).align == 4 and layout.plan([x, g]).align == 2
     _, mean, invstd = K.forward_train(x, w, b, None, None, None, 0.1, 1e-5, None)
     stock = torch.ops.aten.native_batch_norm_backward(
         g.contiguous(), x, w, None, None, mean, invstd, True, 1e-5, [True] * 3)
