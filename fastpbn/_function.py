@@ -17,6 +17,7 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from . import _torch_ops
 from ._backend import get_backend
 from ._scratch import output_like, stats_dtype
 from ._torch_ops import _in_output_layout
@@ -201,6 +202,41 @@ class BatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_y, grad_mean, grad_invstd):
         x, weight, mean, invstd = ctx.saved_tensors
         return (*_grads(ctx, grad_y, x, weight, mean, invstd, True), *([None] * 9))
+
+
+class CompiledBatchNormTrain(torch.autograd.Function):
+    """What a graph being compiled records for a training call under ``auto`` without an
+    accumulator (see ``fastpbn.ops.batch_norm_train``): fastpbn's centred forward and backward
+    as PyTorch's ops, which the compiler fuses with their neighbours (a custom op would be an
+    opaque call). It saves x and per-channel statistics: no centred copy of x is written."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        y, pivot, mean_d, var, invstd = _torch_ops.centred_forward_train(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, pivot, mean_d, invstd)
+        mean = pivot + mean_d
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_mean, grad_var):
+        x, weight, pivot, mean_d, invstd = ctx.saved_tensors
+        mask = _mask(ctx, weight)
+        grads = _torch_ops.centred_backward_train(grad_y, x, weight, pivot, mean_d, invstd,
+                                                  tuple(mask))
+        return (*_masked(grads, mask), None)
+
+
+def compiled_forward_train(x, weight, bias, running_mean, running_var, num_batches_tracked,
+                           momentum, eps):
+    """:class:`CompiledBatchNormTrain`, and the running statistics updated beside it."""
+    if x.numel() == 0:  # PyTorch's op: an empty output with gradients, no statistic touched
+        return _torch_ops.native_forward_train(x, weight, bias, None, None, None, 0.0, eps)
+    y, mean, var = CompiledBatchNormTrain.apply(x, weight, bias, eps)
+    if running_mean is not None:
+        _torch_ops.update_running(running_mean, running_var, mean, var,
+                                  x.numel() // x.shape[1], momentum, num_batches_tracked)
+    return y
 
 
 class BatchNormEval(torch.autograd.Function):

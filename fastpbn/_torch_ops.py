@@ -457,49 +457,64 @@ def exported_forward_train(
     return y
 
 
-def compiled_forward_train(
-    x: Tensor,
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
-    running_mean: Optional[Tensor],
-    running_var: Optional[Tensor],
-    num_batches_tracked: Optional[Tensor],
-    momentum: Optional[float],
-    eps: float,
-) -> Tensor:
-    """The training forward as PyTorch ops, for a graph being compiled (and fake tensors):
-    the compiler fuses them with their neighbours and differentiates them itself, where
-    fastpbn's custom op would be an opaque call with a Python autograd node around it. Centred
-    as the backends are: d = x − K with K = x[0, c, 0...] (exact for |x| ≫ std), then
-    ``var_mean`` of d, y = (d − mean(d))·w/sqrt(var + eps) + b, in float32 (float64 for float64
-    x). The running statistics as PyTorch's kernel updates them (the unbiased variance), the
-    factor ``momentum`` or 1/num_batches_tracked (a tensor: read on the device)."""
-    if x.numel() == 0:  # PyTorch's op: an empty output with gradients, no statistic touched
-        return native_forward_train(x, weight, bias, None, None, None, 0.0, eps)
+def centred_forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                          eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(y, K, mean − K, biased var, invstd) of a non-empty x as PyTorch's ops, for a graph
+    being compiled (``fastpbn._function.CompiledBatchNormTrain``): centred as the backends
+    are, on d = x − K with K = x[0, c, 0...] (exact for |x| ≫ std), in float32 (float64 for
+    float64 x); a compiler fuses the subtraction into its passes over x."""
     work, dims = stats_dtype(x), _reduce_dims(x)
-    pivot = x.detach()[(0, slice(None)) + (0,) * (x.dim() - 2)].to(work)  # y does not move with K
+    pivot = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(work)  # y does not move with K
     d = x.to(work) - _channel_view(pivot, x)
     var, mean_d = torch.var_mean(d, dims, correction=0)
-    scale = torch.rsqrt(var + eps)
-    if weight is not None:
-        scale = scale * weight.to(work)
+    invstd = torch.rsqrt(var + eps)
+    scale = invstd if weight is None else invstd * weight.to(work)
     y = (d - _channel_view(mean_d, x)) * _channel_view(scale, x)
     if bias is not None:
         y = y + _channel_view(bias.to(work), x)
-    if running_mean is not None:
+    return _in_output_layout(y.to(x.dtype), x), pivot, mean_d, var, invstd
+
+
+def centred_backward_train(
+    grad_out: Tensor, x: Tensor, weight: Optional[Tensor], pivot: Tensor, mean_d: Tensor,
+    invstd: Tensor, output_mask: tuple[bool, bool, bool],
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """The training backward of :func:`centred_forward_train` as PyTorch's ops: x̂ from
+    (x − K) − mean(d), not from x − mean, whose float32 rounding would dominate at
+    |mean| ≫ std; dx = w·invstd·(dy − mean(dy) − x̂·mean(dy·x̂)), dw = Σdy·x̂, db = Σdy."""
+    work, dims = stats_dtype(x), _reduce_dims(x)
+    g = grad_out.to(work)
+    xhat = (x.to(work) - _channel_view(pivot, x) - _channel_view(mean_d, x)) \
+        * _channel_view(invstd, x)
+    sum_g, sum_gx = g.sum(dims), (g * xhat).sum(dims)
+    dx = None
+    if output_mask[0]:
         n = x.numel() // x.shape[1]
-        with torch.no_grad():
-            if momentum is not None:
-                f = momentum
-            elif num_batches_tracked is not None:
-                f = num_batches_tracked.double().reciprocal().to(work)
-            else:
-                f = 0.0
-            for buf, batch in ((running_mean, pivot + mean_d.detach()),
-                               (running_var, var.detach() * (n / (n - 1)))):
-                # as _update_running_: in the statistics' dtype, rounded once into the buffer
-                buf.copy_(batch * f + buf.to(work) * (1 - f))
-    return _in_output_layout(y.to(x.dtype), x)
+        a = invstd if weight is None else invstd * weight.to(work)
+        dx = (g - _channel_view(sum_g / n, x) - xhat * _channel_view(sum_gx / n, x)) \
+            * _channel_view(a, x)
+        dx = _in_output_layout(dx.to(x.dtype), x)
+    param_dtype = weight.dtype if weight is not None else work
+    return (dx, sum_gx.to(param_dtype) if output_mask[1] else None,
+            sum_g.to(param_dtype) if output_mask[2] else None)
+
+
+def update_running(running_mean: Tensor, running_var: Tensor, mean: Tensor, var: Tensor,
+                   n: int, momentum: Optional[float],
+                   num_batches_tracked: Optional[Tensor]) -> None:
+    """The running statistics as PyTorch's kernel updates them (the unbiased variance), from
+    a batch's mean and biased variance of n values per channel; the factor ``momentum`` or
+    1/num_batches_tracked (a tensor: read on the device, as a graph must)."""
+    with torch.no_grad():
+        if momentum is not None:
+            f = momentum
+        elif num_batches_tracked is not None:
+            f = num_batches_tracked.double().reciprocal().to(mean.dtype)
+        else:
+            f = 0.0
+        for buf, batch in ((running_mean, mean), (running_var, var * (n / (n - 1)))):
+            # as _update_running_: in the statistics' dtype, rounded once into the buffer
+            buf.copy_(batch * f + buf.to(batch.dtype) * (1 - f))
 
 
 def forward_eval(

@@ -255,7 +255,7 @@ def batch_norm_train(
     if exported:
         return _torch_ops.exported_forward_train(*args[:8])
     if traced:
-        return _torch_ops.compiled_forward_train(*args[:8])
+        return _function.compiled_forward_train(*args[:8])
     if native:
         return _torch_ops.native_forward_train(*args[:8])
     if grad:

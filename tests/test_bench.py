@@ -195,6 +195,10 @@ def test_cli_quick_end_to_end(tmp_path):
     kern = [r for r in result["records"] if r["bench"] == "batch_norm"]
     assert len({tuple(r["shape"]) for r in kern}) == len(batchnorm.QUICK_SHAPES)
     assert {r["baseline"] for r in kern} >= {"torch-eager", "torch-compile", "torch-var_mean"}
+    # compiled FastPreciseBN2d against compiled stock: every compiled stock row has its twin
+    compiled = [r for r in kern if r["baseline"] == "torch-compile"]
+    ours = [r for r in compiled if r["impl"] == batchnorm.COMPILED]
+    assert ours and 2 * len(ours) == len(compiled)
     rec = [r for r in result["records"] if r["bench"] == "recompute"]
     setups = recompute.setups("quick", CPU)
     assert {r["model"] for r in rec} == {s.name for s in setups}
@@ -242,7 +246,10 @@ def test_summary_median_and_worst():
         r["speedup"] = s
         recs.append(r)
     (row,) = report.summary(recs)
-    assert (row["n"], row["median"], row["min"]) == (3, 2.0, 0.5)
+    assert (row["n"], row["median"], row["min"], row["fastpbn"]) == (3, 2.0, 0.5, "eager")
+    recs[0]["impl"] = batchnorm.COMPILED  # compiled fastpbn: a group of its own
+    assert sorted((r["fastpbn"], r["n"]) for r in report.summary(recs)) == [
+        ("compiled", 1), ("eager", 2)]
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
@@ -371,6 +378,10 @@ def test_targets_are_judged_from_records():
     recs.append(stats)
     recs.append({"bench": "recompute", "model": "resnet50", "impl": "fastpbn",
                  "baseline": "fvcore", "speedup": 1.4})
+    compiled = _record()  # compiled fastpbn rows do not count towards the targets
+    compiled.update({"pass": "forward_backward", "baseline": "torch-compile", "speedup": 0.1,
+                     "impl": batchnorm.COMPILED})
+    recs.append(compiled)
     got = {t["target"]: (t["measured"], t["met"]) for t in report.targets(recs)}
     assert got["fwd+bwd vs stock eager, median"] == (1.2, False)
     assert got["fwd+bwd vs stock eager, worst"] == (0.9, False)

@@ -297,7 +297,10 @@ def test_export_where_dynamo_cannot_tell_it_from_compile(monkeypatch):
     x = torch.randn(4, 3, 5, 5, device=DEVICE) * 2 + 1
     program = torch.export.export(ours, (x,), strict=False)
     targets = _targets(program)
-    assert "aten.var_mean.correction" in targets and not any("fastpbn" in t for t in targets)
+    # the centred computation, x - K then var_mean (the program's gradients come from these
+    # ops' formulas: an export keeps no autograd.Function)
+    assert {"aten.sub.Tensor", "aten.var_mean.correction"} <= targets
+    assert not any("fastpbn" in t or "batch_norm" in t for t in targets)
     model = program.module()
     for m in (stock, model):
         m(x).square().sum().backward()
@@ -334,20 +337,21 @@ def test_compiled_training_graph_records_fastpbns_op():
 
 @pytest.mark.parametrize("momentum", [0.1, None])
 def test_compiled_training_records_the_centred_computation(momentum):
-    """Without an accumulator a compiled training graph records fastpbn's centred computation
-    as PyTorch's ops (inductor fuses and differentiates them; an opaque op with a Python
-    autograd node around it ran at half the speed of compiled stock BN on CPU): neither
-    fastpbn's op nor PyTorch's batch norm. Compiled by inductor it is as exact as eager
-    fastpbn at |mean|/std = 1e4, where compiled stock BN's output is off by ~5e-4: output,
-    gradients and running statistics (momentum None: 1/num_batches_tracked, read on the
-    device) against float64 on the same float32 input."""
+    """Without an accumulator a compiled training graph records fastpbn's centred forward and
+    backward as PyTorch's ops, which inductor fuses (an opaque op with a Python autograd node
+    around it ran at half the speed of compiled stock BN on CPU). Compiled by inductor it is
+    as exact as eager fastpbn at |mean|/std = 1e4, where compiled stock BN's output is off by
+    ~5e-4: output, gradients and running statistics (momentum None: 1/num_batches_tracked,
+    read on the device) against float64 on the same float32 input."""
     from torch._dynamo.backends.common import aot_autograd
 
-    seen = []
+    seen, seen_backward = [], []
 
-    def forward_graph(gm, example_inputs):
-        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
-        return gm
+    def recorder(into):
+        def compiler(gm, example_inputs):
+            into.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+            return gm
+        return compiler
 
     torch._dynamo.reset()
     torch.manual_seed(0)
@@ -356,10 +360,13 @@ def test_compiled_training_records_the_centred_computation(momentum):
         layer.weight.uniform_(0.5, 1.5), layer.bias.uniform_(-1, 1)
     ref = copy.deepcopy(layer).double()
     x = torch.randn(8, 3, 6, 6, device=DEVICE) + 1e4
-    torch.compile(copy.deepcopy(layer), backend=aot_autograd(fw_compiler=forward_graph),
-                  fullgraph=True)(x)
-    assert "aten.var_mean.correction" in seen, seen
-    assert not any("fastpbn" in t or "batch_norm" in t for t in seen), seen
+    backend = aot_autograd(fw_compiler=recorder(seen), bw_compiler=recorder(seen_backward))
+    torch.compile(copy.deepcopy(layer), backend=backend, fullgraph=True)(
+        x.clone().requires_grad_()).sum().backward()
+    # forward: x - K, then var_mean; backward: x - K again (x is saved, not the centred copy)
+    assert "aten.var_mean.correction" in seen[seen.index("aten.sub.Tensor"):], seen
+    assert "aten.sub.Tensor" in seen_backward, seen_backward
+    assert not any("fastpbn" in t or "batch_norm" in t for t in seen + seen_backward)
 
     compiled = torch.compile(layer, fullgraph=True)  # inductor
     for step in range(2):
@@ -381,6 +388,40 @@ def test_compiled_training_records_the_centred_computation(momentum):
     for p, q in zip(layer.parameters(), ref.parameters()):
         torch.testing.assert_close(p.grad.double(), q.grad, rtol=0,
                                    atol=2e-5 * q.grad.abs().max().item())
+
+
+@pytest.mark.parametrize("cls, shape, dtype, channels_last", [
+    (FastPreciseBN2d, (6, 4, 5, 5), torch.bfloat16, False),
+    (FastPreciseBN2d, (6, 4, 5, 5), torch.float16, True),
+    (FastPreciseBN1d, (9, 5), torch.float32, False),
+    (FastPreciseBN1d, (4, 5, 7), torch.float64, False),
+])
+def test_compiled_training_dtypes_and_layouts(cls, shape, dtype, channels_last):
+    """The traced computation under auto against eager fastpbn: half inputs with float32
+    parameters (the AMP convention), (N, C), float64; output, gradients (dtypes, strides) and
+    running statistics."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = cls(shape[1]).to(DEVICE)
+    if dtype == torch.float64:
+        eager = eager.double()
+    layer = copy.deepcopy(eager)
+    x = (torch.randn(shape, device=DEVICE) * 2 + 3).to(dtype)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ye, yc = eager(xe), torch.compile(layer, fullgraph=True)(xc)
+    g = torch.randn_like(ye)
+    (ye * g).sum().backward()
+    (yc * g).sum().backward()
+    for a, b in ((yc, ye), (xc.grad, xe.grad), (layer.weight.grad, eager.weight.grad)):
+        assert a.dtype == b.dtype and a.stride() == b.stride()
+        # one rounding in the tensor's dtype apart at most (inductor orders the float32 sums
+        # its own way), and no further than float32 allows
+        ulp = max(torch.finfo(a.dtype).eps, 1e-6)
+        torch.testing.assert_close(a, b, rtol=0, atol=2 * ulp * b.abs().max().item())
+    for a, b in zip(layer.buffers(), eager.buffers()):
+        close(a.double(), b.double(), "buffer")
 
 
 def test_compiled_func_grad_matches_stock():
