@@ -222,8 +222,13 @@ class CompiledBatchNormTrain(torch.autograd.Function):
     def backward(ctx, grad_y, grad_mean, grad_var):
         x, weight, pivot, mean_d, invstd = ctx.saved_tensors
         mask = _mask(ctx, weight)
-        grads = _torch_ops.centred_backward_train(grad_y, x, weight, pivot, mean_d, invstd,
-                                                  tuple(mask))
+        if torch.is_grad_enabled():  # create_graph: PyTorch's op, whose own derivative
+            # follows the statistics' dependence on x (the saved ones carry no graph)
+            grads = _torch_ops.backward(grad_y, x, weight, pivot + mean_d, invstd, True,
+                                        tuple(mask))
+        else:
+            grads = _torch_ops.centred_backward_train(grad_y, x, weight, pivot, mean_d, invstd,
+                                                      tuple(mask))
         return (*_masked(grads, mask), None)
 
 

@@ -457,14 +457,20 @@ def exported_forward_train(
     return y
 
 
+PIVOT_SAMPLES = 64
+
+
 def centred_forward_train(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                           eps: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(y, K, mean − K, biased var, invstd) of a non-empty x as PyTorch's ops, for a graph
-    being compiled (``fastpbn._function.CompiledBatchNormTrain``): centred as the backends
-    are, on d = x − K with K = x[0, c, 0...] (exact for |x| ≫ std), in float32 (float64 for
-    float64 x); a compiler fuses the subtraction into its passes over x."""
+    being compiled (``fastpbn._function.CompiledBatchNormTrain``): centred, on d = x − K, in
+    float32 (float64 for float64 x); a compiler fuses the subtraction into its passes over x.
+    K is the mean of the middle position of up to PIVOT_SAMPLES samples: near the channel's
+    mean, so that the var_mean of d in float32 stays exact at |mean| ≫ std, whatever one
+    value (a padded border, a dead first element) holds; y does not move with K."""
     work, dims = stats_dtype(x), _reduce_dims(x)
-    pivot = x[(0, slice(None)) + (0,) * (x.dim() - 2)].to(work)  # y does not move with K
+    middle = x[(slice(None), slice(None)) + tuple(s // 2 for s in x.shape[2:])]  # (N, C)
+    pivot = middle[:PIVOT_SAMPLES].detach().to(work).mean(0)
     d = x.to(work) - _channel_view(pivot, x)
     var, mean_d = torch.var_mean(d, dims, correction=0)
     invstd = torch.rsqrt(var + eps)

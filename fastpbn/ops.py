@@ -233,7 +233,9 @@ def batch_norm_train(
     exported = exported and accumulator is None
     # under ``auto``, a compiled graph without an accumulator records fastpbn's centred
     # computation as PyTorch's ops, which the compiler fuses with its neighbours (and
-    # differentiates); with one, or a backend named, fastpbn's op (the backend's kernels)
+    # differentiates); with one, or a backend named, fastpbn's op (the backend's kernels).
+    # (Decided when the graph is compiled: dynamo guards set_backend's name, and
+    # FASTPBN_BACKEND only where it was set then.)
     traced = (compiling and accumulator is None and not (exported or stock_only)
               and requested_backend() == "auto")
     native = handed_off or stock_only or exported or traced or (

@@ -424,6 +424,31 @@ def test_compiled_training_dtypes_and_layouts(cls, shape, dtype, channels_last):
         close(a.double(), b.double(), "buffer")
 
 
+def test_compiled_computation_pivot_and_double_backward():
+    """The traced computation's pivot is the mean of the samples' middle positions, not one
+    value: a padded or dead first element (0 in channels of values 1e4 ± 1) leaves it among
+    the values. Its double backward (create_graph) follows the statistics' dependence on x, as
+    stock's."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 6, 6, device=DEVICE, dtype=torch.float64) + 1e4
+    x[0, :, 0, 0] = 0.0
+    _, pivot, mean_d, _, _ = fastpbn._torch_ops.centred_forward_train(x, None, None, 1e-5)
+    assert (pivot - 1e4).abs().max() < 1
+    torch.testing.assert_close(pivot + mean_d, x.mean((0, 2, 3)))
+    x = torch.randn(4, 3, 5, 5, device=DEVICE, dtype=torch.float64)
+    w = torch.rand(3, device=DEVICE, dtype=torch.float64) + 0.5
+    b = torch.zeros(3, device=DEVICE, dtype=torch.float64)
+    grads = []
+    for f in (lambda u, v: nn.functional.batch_norm(u, None, None, v, b, True),
+              lambda u, v: fastpbn._function.compiled_forward_train(u, v, b, None, None, None,
+                                                                   0.1, 1e-5)):
+        u, v = x.clone().requires_grad_(), w.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(f(u, v).pow(3).sum(), u, create_graph=True)
+        grads.append(torch.autograd.grad(gx.square().sum(), (u, v)))
+    for ours, stock in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, stock)
+
+
 def test_compiled_func_grad_matches_stock():
     """torch.compile of torch.func.grad through a training-mode layer: the transform runs on
     PyTorch's op, as in eager (fastpbn's op under the transform gave zero gradients: of the
